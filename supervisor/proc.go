@@ -1,0 +1,299 @@
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/creack/pty"
+)
+
+// Spec is one trainer process to run.
+type Spec struct {
+	Argv []string
+	Env  []string // full environment (os.Environ() plus overrides)
+	Dir  string
+	// Output receives the raw bytes the trainer writes to its terminal.
+	Output io.Writer
+}
+
+// Exit is how a process ended.
+type Exit struct {
+	Code   int    // exit status, -1 when killed by a signal
+	Signal string // "SIGKILL", ... when killed by a signal
+}
+
+func (e Exit) String() string {
+	if e.Signal != "" {
+		return "killed by " + e.Signal
+	}
+	return "exit status " + strconv.Itoa(e.Code)
+}
+
+// Proc is a trainer running under a pty in its own session (pgid == pid).
+type Proc struct {
+	cmd   *exec.Cmd
+	ptmx  *os.File
+	pgid  int
+	start time.Time
+
+	exited chan struct{} // closed when the leader has been waited for
+	done   chan struct{} // closed when output is drained and the group is gone
+	exit   Exit
+	err    error
+}
+
+// WindowSize is the fixed terminal size the trainer sees.
+var WindowSize = pty.Winsize{Rows: 50, Cols: 200}
+
+// Start launches spec under a new pty. The process is a session leader, so
+// its process group holds every worker it forks; Stop signals the group.
+func Start(spec Spec) (*Proc, error) {
+	if len(spec.Argv) == 0 {
+		return nil, errors.New("supervisor: empty trainer command")
+	}
+	cmd := exec.Command(spec.Argv[0], spec.Argv[1:]...)
+	cmd.Env = spec.Env
+	cmd.Dir = spec.Dir
+	ws := WindowSize
+	ptmx, err := pty.StartWithSize(cmd, &ws)
+	if err != nil {
+		return nil, fmt.Errorf("supervisor: start %s: %w", spec.Argv[0], err)
+	}
+	p := &Proc{cmd: cmd, ptmx: ptmx, pgid: cmd.Process.Pid, start: time.Now(),
+		exited: make(chan struct{}), done: make(chan struct{})}
+	out := spec.Output
+	if out == nil {
+		out = io.Discard
+	}
+	drained := make(chan struct{})
+	go func() { // the one reader of the pty
+		defer close(drained)
+		buf := make([]byte, 64<<10)
+		for {
+			n, err := ptmx.Read(buf)
+			if n > 0 {
+				out.Write(buf[:n])
+			}
+			if err != nil { // EIO once every holder of the slave side is gone
+				return
+			}
+		}
+	}()
+	go func() {
+		werr := cmd.Wait()
+		p.exit = exitOf(cmd.ProcessState)
+		var ee *exec.ExitError
+		if werr != nil && !errors.As(werr, &ee) {
+			p.err = werr
+		}
+		close(p.exited)
+		// Workers outlive their leader (nnU-Net's daemon workers survive a
+		// killed main process): end the group, then let the output drain.
+		killGroup(p.pgid, 5*time.Second)
+		<-drained
+		ptmx.Close()
+		close(p.done)
+	}()
+	return p, nil
+}
+
+// Pid is the trainer's pid, which is also its process group id.
+func (p *Proc) Pid() int { return p.pgid }
+
+// Exited is closed when the trainer's main process has exited.
+func (p *Proc) Exited() <-chan struct{} { return p.exited }
+
+// Done is closed when the attempt is over: the main process exited, no
+// process of its group is left and its output has been drained.
+func (p *Proc) Done() <-chan struct{} { return p.done }
+
+// Exit returns how the main process ended; valid after Done.
+func (p *Proc) Exit() (Exit, error) { <-p.done; return p.exit, p.err }
+
+// Stop ends the whole process group: SIGTERM, then SIGKILL after grace, and
+// waits until the attempt is Done. ctx bounds the wait.
+func (p *Proc) Stop(ctx context.Context, grace time.Duration) error {
+	signalGroup(p.pgid, syscall.SIGTERM)
+	t := time.NewTimer(grace)
+	defer t.Stop()
+	select {
+	case <-p.done:
+		return nil
+	case <-t.C:
+		signalGroup(p.pgid, syscall.SIGKILL)
+	case <-ctx.Done():
+		signalGroup(p.pgid, syscall.SIGKILL)
+	}
+	<-p.done
+	return nil
+}
+
+// Kill sends SIGKILL to the whole group at once.
+func (p *Proc) Kill() { signalGroup(p.pgid, syscall.SIGKILL) }
+
+func exitOf(ps *os.ProcessState) Exit {
+	if ps == nil {
+		return Exit{Code: -1}
+	}
+	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return Exit{Code: -1, Signal: signalName(ws.Signal())}
+	}
+	return Exit{Code: ps.ExitCode()}
+}
+
+func signalName(s syscall.Signal) string {
+	switch s {
+	case syscall.SIGKILL:
+		return "SIGKILL"
+	case syscall.SIGTERM:
+		return "SIGTERM"
+	case syscall.SIGINT:
+		return "SIGINT"
+	case syscall.SIGSEGV:
+		return "SIGSEGV"
+	case syscall.SIGABRT:
+		return "SIGABRT"
+	case syscall.SIGBUS:
+		return "SIGBUS"
+	case syscall.SIGHUP:
+		return "SIGHUP"
+	}
+	return "signal " + strconv.Itoa(int(s))
+}
+
+// signalGroup signals every process of the group; ESRCH means already gone.
+func signalGroup(pgid int, sig syscall.Signal) {
+	if pgid <= 1 {
+		return
+	}
+	_ = syscall.Kill(-pgid, sig)
+}
+
+// killGroup ends whatever is left of a group whose leader has exited:
+// SIGTERM, then SIGKILL after grace, then waits until no live process of
+// the group remains. Zombies that nnguard adopted as subreaper are reaped.
+func killGroup(pgid int, grace time.Duration) {
+	if len(GroupMembers(pgid)) == 0 {
+		return
+	}
+	signalGroup(pgid, syscall.SIGTERM)
+	deadline := time.Now().Add(grace)
+	killed := false
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for range tick.C {
+		reapGroup(pgid)
+		if len(GroupMembers(pgid)) == 0 {
+			return
+		}
+		if !killed && time.Now().After(deadline) {
+			signalGroup(pgid, syscall.SIGKILL)
+			killed = true
+		}
+	}
+}
+
+// GroupMembers lists the live (non-zombie) processes whose process group is
+// pgid, read from /proc.
+func GroupMembers(pgid int) []int {
+	var out []int
+	forEachProc(func(pid, ppid, pg int, state byte) {
+		if pg == pgid && state != 'Z' && state != 'X' {
+			out = append(out, pid)
+		}
+	})
+	return out
+}
+
+// reapGroup waits for zombies of the group that are our children (orphaned
+// workers re-parented to nnguard, the child subreaper).
+func reapGroup(pgid int) {
+	me := os.Getpid()
+	forEachProc(func(pid, ppid, pg int, state byte) {
+		if pg == pgid && ppid == me && state == 'Z' && pid != pgid {
+			var ws syscall.WaitStatus
+			syscall.Wait4(pid, &ws, syscall.WNOHANG, nil)
+		}
+	})
+}
+
+// forEachProc calls fn for every process in /proc with its parent, process
+// group and state.
+func forEachProc(fn func(pid, ppid, pgid int, state byte)) {
+	d, err := os.Open("/proc")
+	if err != nil {
+		return
+	}
+	names, _ := d.Readdirnames(-1)
+	d.Close()
+	for _, n := range names {
+		pid, err := strconv.Atoi(n)
+		if err != nil {
+			continue
+		}
+		st, ok := readStat(pid)
+		if !ok {
+			continue
+		}
+		fn(pid, st.ppid, st.pgid, st.state)
+	}
+}
+
+type procStat struct {
+	state      byte
+	ppid, pgid int
+	cpuTicks   uint64 // utime + stime
+}
+
+func readStat(pid int) (procStat, bool) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return procStat{}, false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 || i+2 >= len(s) {
+		return procStat{}, false
+	}
+	f := strings.Fields(s[i+2:])
+	// f[0]=state f[1]=ppid f[2]=pgrp ... f[11]=utime f[12]=stime
+	if len(f) < 13 {
+		return procStat{}, false
+	}
+	ppid, _ := strconv.Atoi(f[1])
+	pg, _ := strconv.Atoi(f[2])
+	ut, _ := strconv.ParseUint(f[11], 10, 64)
+	stt, _ := strconv.ParseUint(f[12], 10, 64)
+	return procStat{state: f[0][0], ppid: ppid, pgid: pg, cpuTicks: ut + stt}, true
+}
+
+// GroupCPUTicks sums the CPU time (clock ticks) of the group's live processes.
+func GroupCPUTicks(pgid int) uint64 {
+	var sum uint64
+	forEachProc(func(pid, ppid, pg int, state byte) {
+		if pg == pgid {
+			if st, ok := readStat(pid); ok {
+				sum += st.cpuTicks
+			}
+		}
+	})
+	return sum
+}
+
+// BecomeSubreaper makes orphaned descendants re-parent to this process, so
+// the supervisor can reap the workers a dead trainer leaves behind.
+func BecomeSubreaper() error {
+	const prSetChildSubreaper = 36
+	if _, _, e := syscall.RawSyscall(syscall.SYS_PRCTL, prSetChildSubreaper, 1, 0); e != 0 {
+		return fmt.Errorf("supervisor: prctl(PR_SET_CHILD_SUBREAPER): %w", e)
+	}
+	return nil
+}
