@@ -1,0 +1,274 @@
+package supervisor
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/nnguard/nnguard/logparse"
+	"github.com/nnguard/nnguard/nnunet"
+	"github.com/nnguard/nnguard/policy"
+)
+
+// GPU is what the supervisor needs from the GPU monitor (cmd/nnguard adapts
+// the nvml package to it). Implementations must be safe for concurrent use.
+type GPU interface {
+	// Preflight describes the GPU(s) before an attempt, one line each, and
+	// returns the CUDA_VISIBLE_DEVICES value to set ("" = leave as is).
+	Preflight(auto bool) (lines []string, visible string)
+	// Begin starts sampling for an attempt whose trainer group is pgid.
+	Begin(pgid int)
+	// End stops sampling and returns the attempt's peak memory and the
+	// epoch-independent summary for the event log.
+	End() map[string]any
+	// Facts returns what the GPU looked like at a failure.
+	Facts(pids []int, since time.Time) policy.GPUFacts
+	// WaitFree blocks until other processes hold less than the contention
+	// share of the GPU, or max passes (error), or ctx ends.
+	WaitFree(ctx context.Context, max time.Duration) error
+}
+
+type attemptResult struct {
+	exit        Exit
+	diag        logparse.Diagnosis
+	maxEpoch    int // highest epoch started, -1 if none
+	start       time.Time
+	pids        []int
+	interrupted bool
+	stalled     bool
+}
+
+// lineSink receives the trainer's bytes in the pty reader goroutine, splits
+// them into lines and parses them; events go to the attempt loop.
+type lineSink struct {
+	mu     sync.Mutex
+	split  *logparse.Splitter
+	parser *logparse.Parser
+	events chan logparse.Event
+}
+
+func newLineSink() *lineSink {
+	s := &lineSink{parser: logparse.NewParser(), events: make(chan logparse.Event, 1024)}
+	s.split = logparse.NewSplitter(64<<10, func(line []byte) {
+		for _, ev := range s.parser.Feed(string(line)) {
+			select {
+			case s.events <- ev:
+			default: // the loop only needs recent progress; never block the reader
+			}
+		}
+	})
+	return s
+}
+
+func (s *lineSink) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.split.Write(p)
+}
+
+func (s *lineSink) finish(exit logparse.Exit) logparse.Diagnosis {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.split.Flush()
+	return s.parser.Diagnose(exit)
+}
+
+func (r *runner) attempt(ctx context.Context, n int, resume bool) (attemptResult, error) {
+	job := r.job
+	ar := attemptResult{maxEpoch: -1}
+	set := r.state.Settings
+
+	// Make --c pick the newest valid checkpoint; record what it resumes from.
+	var rp nnunet.ResumePlan
+	if !set.ValidationOnly {
+		var err error
+		rp, err = nnunet.PrepareResume(job.FoldDir, r.cfg.Now())
+		if err != nil {
+			return ar, fmt.Errorf("supervisor: prepare resume: %w", err)
+		}
+		for _, m := range rp.Moves {
+			r.events.Emit("checkpoint_moved", n, map[string]any{"from": m.From, "to": m.To, "why": m.Why})
+			r.say("moved %s aside to %s (%s)", filepath.Base(m.From), filepath.Base(m.To), m.Why)
+		}
+	}
+	if set.BatchSize != r.state.OriginalBatchSize && r.state.DerivedPlans == "" || r.state.DerivedPlans != "" && !fileExists(filepath.Join(job.Env.Preprocessed, job.Dataset, r.state.DerivedPlans+".json")) {
+		if err := r.ensurePlans(set.BatchSize); err != nil {
+			return ar, err
+		}
+	}
+	cont := (resume || job.Args.Continue) && rp.HasCheckpoint
+	argv := append([]string{}, r.cfg.TrainerCmd...)
+	argv = append(argv, job.Args.Argv(nnunet.ArgvOptions{
+		Plans:          r.state.DerivedPlans,
+		Continue:       cont && !set.ValidationOnly,
+		DropPretrained: resume || rp.HasCheckpoint,
+		ValOnly:        set.ValidationOnly,
+	})...)
+	over := set.Env()
+	if r.cfg.Limits.UserAllocConf {
+		delete(over, "PYTORCH_CUDA_ALLOC_CONF")
+	}
+	over["PYTHONUNBUFFERED"] = "1"
+	if r.cfg.GPU != nil {
+		lines, visible := r.cfg.GPU.Preflight(r.cfg.GPUAuto)
+		for _, l := range lines {
+			r.say("%s", l)
+		}
+		if visible != "" {
+			over["CUDA_VISIBLE_DEVICES"] = visible
+		}
+		r.events.Emit("preflight", n, map[string]any{"gpu": lines, "cuda_visible_devices": visible})
+	}
+	if err := r.state.Save(r.statePath(), r.cfg.Now()); err != nil {
+		return ar, err
+	}
+	lost := 0
+	if len(r.state.History) > 0 {
+		if last := r.state.History[len(r.state.History)-1].Epoch; last >= 0 && resume {
+			lost = max(0, last+1-rp.Epoch)
+		}
+	}
+	r.events.Emit("attempt_start", n, map[string]any{
+		"argv": argv, "batch_size": set.BatchSize, "n_proc_da": set.NProcDA, "plans_identifier": planID(r.state),
+		"env": over, "resume_from": rp.From, "resume_epoch": rp.Epoch, "lost_epochs": lost, "validation_only": set.ValidationOnly,
+	})
+	r.log.Info("attempt start", zap.Int("attempt", n), zap.Strings("argv", argv), zap.Int("batch_size", set.BatchSize), zap.Int("n_proc_da", set.NProcDA))
+	if rp.From != "" {
+		r.say("attempt %d: resuming from %s (epoch %d)", n, rp.From, rp.Epoch)
+	} else {
+		r.say("attempt %d: batch size %d, nnUNet_n_proc_DA %d", n, set.BatchSize, set.NProcDA)
+	}
+
+	console, err := os.OpenFile(filepath.Join(r.dir, "console.log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return ar, fmt.Errorf("supervisor: console log: %w", err)
+	}
+	defer console.Close()
+	fmt.Fprintf(console, "\n===== nnguard attempt %d %s: %q =====\n", n, r.cfg.Now().UTC().Format(time.RFC3339), argv)
+	sink := newLineSink()
+	ar.start = r.cfg.Now()
+	p, err := Start(Spec{Argv: argv, Env: overrideEnv(r.cfg.Environ, over), Output: io.MultiWriter(r.cfg.Stdout, console, sink)})
+	if err != nil {
+		return ar, err
+	}
+	if r.cfg.GPU != nil {
+		r.cfg.GPU.Begin(p.Pid())
+	}
+	ar.pids = []int{p.Pid()}
+
+	wd := newWatchdog(r.cfg, job.FoldDir, p.Pid())
+	tick := r.cfg.Tick
+	if tick <= 0 {
+		tick = min(max(r.cfg.StallTimeout/8, 50*time.Millisecond), 5*time.Second)
+	}
+	ticker := time.NewTicker(tick)
+	defer ticker.Stop()
+	var graceC <-chan time.Time
+	var stopping bool
+	stop := func() {
+		if stopping {
+			return
+		}
+		stopping = true
+		sctx, cancel := context.WithTimeout(context.Background(), r.cfg.KillAfter+30*time.Second)
+		go func() { defer cancel(); p.Stop(sctx, r.cfg.KillAfter) }()
+	}
+	var stallReason string
+	effective := 0
+loop:
+	for {
+		select {
+		case ev := <-sink.events:
+			wd.progress(ev, r.cfg.Now())
+			switch ev.Kind {
+			case logparse.EpochStart:
+				ar.maxEpoch = max(ar.maxEpoch, ev.Epoch)
+			case logparse.BatchSize:
+				effective = ev.BatchSize
+				r.state.EffectiveBatchSize = ev.BatchSize
+				if ev.BatchSize != set.BatchSize {
+					r.say("warning: the trainer runs with batch size %d, nnguard expected %d", ev.BatchSize, set.BatchSize)
+				}
+				r.events.Emit("batch_size", n, map[string]any{"effective": ev.BatchSize, "expected": set.BatchSize})
+			case logparse.Fatal:
+				if graceC == nil && !stopping {
+					r.events.Emit("fatal_seen", n, map[string]any{"class": ev.Class, "line": ev.Line, "grace_s": r.cfg.Grace.Seconds()})
+					graceC = time.After(r.cfg.Grace)
+				}
+			}
+		case <-graceC:
+			graceC = nil
+			r.say("the trainer printed a fatal error and did not exit within %s: stopping its process group", r.cfg.Grace)
+			r.events.Emit("grace_expired", n, nil)
+			stop()
+		case <-ticker.C:
+			if stopping {
+				continue
+			}
+			if why := wd.check(r.cfg.Now()); why != "" {
+				stallReason = why
+				r.say("stall: %s: stopping the trainer", why)
+				r.events.Emit("stall", n, map[string]any{"reason": why, "epoch": ar.maxEpoch})
+				stop()
+			}
+		case <-ctx.Done():
+			ar.interrupted = true
+			r.events.Emit("stopping", n, map[string]any{"why": "nnguard received a signal"})
+			stop()
+			<-p.Done()
+			break loop
+		case <-p.Done():
+			break loop
+		}
+	}
+	// drain the remaining events
+	for {
+		select {
+		case ev := <-sink.events:
+			if ev.Kind == logparse.EpochStart {
+				ar.maxEpoch = max(ar.maxEpoch, ev.Epoch)
+			}
+			continue
+		default:
+		}
+		break
+	}
+	ex, werr := p.Exit()
+	ar.exit = ex
+	ar.diag = sink.finish(logparse.Exit{Known: true, Code: ex.Code, Signal: ex.Signal})
+	if stallReason != "" && (ar.diag.Class == logparse.None || ar.diag.Class == logparse.Unknown) {
+		ar.stalled = true
+		ar.diag = logparse.Diagnosis{Class: logparse.Stall, Reason: stallReason, Evidence: ar.diag.Evidence}
+	}
+	var gpu map[string]any
+	if r.cfg.GPU != nil {
+		gpu = r.cfg.GPU.End()
+	}
+	end := map[string]any{"exit_code": ex.Code, "signal": ex.Signal, "duration_s": r.cfg.Now().Sub(ar.start).Seconds(), "epoch": ar.maxEpoch, "effective_batch_size": effective}
+	if gpu != nil {
+		end["gpu"] = gpu
+	}
+	if werr != nil {
+		end["error"] = werr.Error()
+	}
+	r.events.Emit("attempt_end", n, end)
+	return ar, nil
+}
+
+func planID(s *State) string {
+	if s.DerivedPlans != "" {
+		return s.DerivedPlans
+	}
+	return s.PlansIdentifier
+}
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+func numCPU() int { return runtime.NumCPU() }
