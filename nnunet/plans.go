@@ -419,7 +419,11 @@ func setBatchSize(raw []byte, cfg string, n int) ([]byte, error) {
 	dec.UseNumber()
 	var edits []edit
 	value := strconv.Itoa(n)
-	err := walkObject(dec, clean, func(key string, _ int) error {
+	defaultSep := ""
+	err := walkObject(dec, clean, func(key string, keyEnd int) error {
+		if defaultSep == "" {
+			defaultSep = string(clean[keyEnd:skipSpaceColon(clean, keyEnd)])
+		}
 		if key != "configurations" {
 			return skipValue(dec)
 		}
@@ -436,7 +440,7 @@ func setBatchSize(raw []byte, cfg string, n int) ([]byte, error) {
 			open := -1
 			found := false
 			first := true
-			sep := ": "
+			sep := defaultSep
 			err := walkObject(dec, clean, func(k string, keyEnd int) error {
 				vs := skipSpaceColon(clean, keyEnd)
 				if first {
