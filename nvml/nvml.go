@@ -103,6 +103,8 @@ type NVML struct {
 	now func() time.Time
 	// procName reads a process name from /proc; replaced in tests.
 	procName func(pid int) string
+	// noTemp and noProcName skip calls whose symbol the library lacks.
+	noTemp, noProcName bool
 
 	mu      sync.RWMutex // held for reading around NVML calls, for writing by Close
 	closed  bool
@@ -133,9 +135,19 @@ func New(lib gonvml.Interface) (*NVML, error) {
 	}, nil
 }
 
-// NewSystem opens the host's NVML library (libnvidia-ml.so.1).
+// NewSystem opens the host's NVML library (libnvidia-ml.so.1). Optional
+// symbols that a driver may lack (deprecated ones) are looked up first: calling
+// a missing symbol would kill the process.
 func NewSystem() (*NVML, error) {
-	return New(gonvml.New())
+	lib := gonvml.New()
+	n, err := New(lib)
+	if err != nil {
+		return nil, err
+	}
+	ext := lib.Extensions()
+	n.noTemp = ext.LookupSymbol("nvmlDeviceGetTemperature") != nil
+	n.noProcName = ext.LookupSymbol("nvmlSystemGetProcessName") != nil
+	return n, nil
 }
 
 func nvmlErr(what string, ret gonvml.Return) error {
@@ -215,13 +227,15 @@ func (n *NVML) readDevice(i int) (Device, error) {
 	default:
 		return Device{}, nvmlErr(what("utilization"), ret)
 	}
-	temp, ret := h.GetTemperature(gonvml.TEMPERATURE_GPU)
-	switch ret {
-	case gonvml.SUCCESS:
-		d.TempC = int(temp)
-	case gonvml.ERROR_NOT_SUPPORTED:
-	default:
-		return Device{}, nvmlErr(what("temperature"), ret)
+	if !n.noTemp {
+		temp, ret := h.GetTemperature(gonvml.TEMPERATURE_GPU)
+		switch ret {
+		case gonvml.SUCCESS:
+			d.TempC = int(temp)
+		case gonvml.ERROR_NOT_SUPPORTED:
+		default:
+			return Device{}, nvmlErr(what("temperature"), ret)
+		}
 	}
 	return d, nil
 }
@@ -270,8 +284,10 @@ func (n *NVML) Processes(index int) ([]Process, error) {
 
 // processName asks NVML, then /proc (comm, then cmdline); "" when neither knows.
 func (n *NVML) processName(pid int) string {
-	if name, ret := n.lib.SystemGetProcessName(pid); ret == gonvml.SUCCESS && name != "" {
-		return name
+	if !n.noProcName {
+		if name, ret := n.lib.SystemGetProcessName(pid); ret == gonvml.SUCCESS && name != "" {
+			return name
+		}
 	}
 	return n.procName(pid)
 }
