@@ -64,6 +64,7 @@ import io
 import json
 import math
 import multiprocessing
+import multiprocessing.pool
 import os
 import pickle
 import random
@@ -701,8 +702,24 @@ def block_forever():
         time.sleep(3600)
 
 
+POOLS = []
+
+
 def finish_process(code):
     """Like interpreter shutdown: multiprocessing's atexit terminates daemonic children."""
+    for pool in POOLS:
+        # a dead pool worker may hold the task-queue lock: Pool.terminate() could block (b5 of the corpus);
+        # kill the workers ourselves and release the pool's semaphores so the resource_tracker stays quiet
+        try:
+            pool._worker_handler._state = multiprocessing.pool.TERMINATE
+            pool._terminate.cancel()
+        except Exception:
+            pass
+        for w in list(pool._pool):
+            try:
+                os.kill(w.pid, signal.SIGKILL)
+            except (OSError, TypeError):
+                pass
     for p in multiprocessing.active_children():
         try:
             p.terminate()
@@ -710,6 +727,11 @@ def finish_process(code):
             pass
     for p in multiprocessing.active_children():
         p.join(timeout=2)
+    if POOLS:
+        try:
+            multiprocessing.util._run_finalizers()
+        except Exception:
+            pass
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -1303,6 +1325,7 @@ class Trainer:
         n_pool = max(1, min(def_n_proc, K.max_pool))
         ctx = multiprocessing.get_context('spawn')
         pool = ctx.Pool(n_pool)
+        POOLS.append(pool)
         worker_list = list(pool._pool)
         validation_folder = os.path.join(self.output_folder, 'validation')
         os.makedirs(validation_folder, exist_ok=True)
@@ -1332,7 +1355,10 @@ class Trainer:
                 results.append(pool.apply_async(_export_case, (os.path.join(validation_folder, k + '.pkl'),
                                                                payload)))
             if fail_export and i == kill_at:
-                # an export worker gets killed (host RAM during resampling)
+                # an export worker gets killed (host RAM during resampling). The pool's handler thread would
+                # start a replacement; stop it first so that no half-started spawn child is left at exit.
+                pool._worker_handler._state = multiprocessing.pool.TERMINATE
+                time.sleep(0.25)
                 os.kill(worker_list[0].pid, signal.SIGKILL)
                 deadline = time.time() + 5
                 while worker_list[0].is_alive() and time.time() < deadline:
@@ -1342,15 +1368,18 @@ class Trainer:
             r.get(timeout=60)
         pool.close()
         pool.join()
+        POOLS.remove(pool)
         # compute_metrics_on_folder: its own pool
         rnd = random.Random('val-%d' % K.seed)
         per_case = []
         base = self.logging['mean_fg_dice'][-1] if self.logging['mean_fg_dice'] else 0.8
         if base != base:  # nan
             base = 0.0
-        with ctx.Pool(n_pool) as mpool:
-            dices = mpool.map(_metric_case, [(k, [min(1.0, max(0.0, base + rnd.gauss(0.02, 0.03)))
-                                                  for _ in range(self.n_fg)]) for k in keys])
+        dices = []
+        if keys:
+            with ctx.Pool(n_pool) as mpool:
+                dices = mpool.map(_metric_case, [(k, [min(1.0, max(0.0, base + rnd.gauss(0.02, 0.03)))
+                                                      for _ in range(self.n_fg)]) for k in keys])
         for k, d in dices:
             per_case.append({'metrics': {str(c + 1): {'Dice': d[c], 'FN': 10, 'FP': 12, 'IoU': d[c] / (2 - d[c]),
                                                       'TN': 100000, 'TP': 900, 'n_pred': 912, 'n_ref': 910}
