@@ -125,6 +125,9 @@ func ParseTrainArgs(args []string) (TrainArgs, error) {
 			i++
 			value = args[i]
 		}
+		if value == "" {
+			return TrainArgs{}, configErrorf("nnunet: %s needs a non-empty value: write %s <value>", name, name)
+		}
 		if err := a.setValue(name, value); err != nil {
 			return TrainArgs{}, err
 		}

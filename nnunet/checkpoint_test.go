@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 const fixtures = "../../shared/fixtures/checkpoints"
@@ -169,7 +170,11 @@ func FuzzInspect(f *testing.F) {
 	f.Add(buf.Bytes())
 	f.Add(simPickle(1))
 	f.Fuzz(func(t *testing.T, data []byte) {
+		start := time.Now()
 		readCheckpoint(bytes.NewReader(data), int64(len(data)))
 		unpickle(data)
+		if d := time.Since(start); d > 2*time.Second {
+			t.Fatalf("took %v", d)
+		}
 	})
 }

@@ -281,8 +281,8 @@ func (p *Plans) BatchSize(cfg string) (int, error) {
 		return 0, configErrorf("nnunet: batch_size of configuration %q in %s is not a number: %v", cfg, p.Path, v)
 	}
 	i, err := strconv.Atoi(string(n))
-	if err != nil {
-		return 0, configErrorf("nnunet: batch_size of configuration %q in %s is not an integer: %s", cfg, p.Path, n)
+	if err != nil || i < 1 {
+		return 0, configErrorf("nnunet: batch_size of configuration %q in %s is not a positive integer: %s", cfg, p.Path, n)
 	}
 	return i, nil
 }
