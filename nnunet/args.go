@@ -332,12 +332,13 @@ func (a TrainArgs) Argv(o ArgvOptions) []string {
 				continue
 			}
 			v, on := a.valueOf(t.name, o)
+			if t.name == "-num_gpus" && a.NumGPUs == numGPUsOf(t.value) {
+				v = t.value // keep the user's spelling
+			}
 			switch {
 			case !on:
 			case t.equals:
 				out = append(out, t.name+"="+v)
-			case t.name == "-num_gpus" && a.NumGPUs == numGPUsOf(t.value):
-				out = append(out, t.name, t.value) // keep the user's spelling
 			default:
 				out = append(out, t.name, v)
 			}

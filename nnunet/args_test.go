@@ -71,6 +71,7 @@ func TestArgvRoundTrip(t *testing.T) {
 		"-tr=X 4 -p nnUNetPlans 3d_fullres --npz 1 -num_gpus 02 --weird",
 		"4 3d_fullres 0 --val --npz -pretrained_weights w.pth",
 		"4 3d_fullres 0 -- x",
+		"4 3d_fullres 0 -num_gpus=+2",
 	} {
 		a, err := ParseTrainArgs(strings.Fields(line))
 		if err != nil {

@@ -39,6 +39,7 @@ type attemptResult struct {
 	exit        Exit
 	diag        logparse.Diagnosis
 	maxEpoch    int // highest epoch started, -1 if none
+	doneEpoch   int // highest epoch completed ("Epoch time"), -1 if none
 	start       time.Time
 	pids        []int
 	interrupted bool
@@ -82,7 +83,7 @@ func (s *lineSink) finish(exit logparse.Exit) logparse.Diagnosis {
 
 func (r *runner) attempt(ctx context.Context, n int, resume bool) (attemptResult, error) {
 	job := r.job
-	ar := attemptResult{maxEpoch: -1}
+	ar := attemptResult{maxEpoch: -1, doneEpoch: -1}
 	set := r.state.Settings
 
 	// Make --c pick the newest valid checkpoint; record what it resumes from.
@@ -129,11 +130,11 @@ func (r *runner) attempt(ctx context.Context, n int, resume bool) (attemptResult
 	if err := r.state.Save(r.statePath(), r.cfg.Now()); err != nil {
 		return ar, err
 	}
+	// Epochs lost: completed by earlier attempts but not in the checkpoint
+	// this attempt resumes from.
 	lost := 0
-	if len(r.state.History) > 0 {
-		if last := r.state.History[len(r.state.History)-1].Epoch; last >= 0 && resume {
-			lost = max(0, last+1-rp.Epoch)
-		}
+	if r.lastDone >= 0 && !set.ValidationOnly {
+		lost = max(0, r.lastDone+1-rp.Epoch)
 	}
 	r.events.Emit("attempt_start", n, map[string]any{
 		"argv": argv, "batch_size": set.BatchSize, "n_proc_da": set.NProcDA, "plans_identifier": planID(r.state),
@@ -190,6 +191,8 @@ loop:
 			switch ev.Kind {
 			case logparse.EpochStart:
 				ar.maxEpoch = max(ar.maxEpoch, ev.Epoch)
+			case logparse.EpochEnd:
+				ar.doneEpoch = max(ar.doneEpoch, ev.Epoch)
 			case logparse.BatchSize:
 				effective = ev.BatchSize
 				r.state.EffectiveBatchSize = ev.BatchSize
@@ -235,12 +238,16 @@ loop:
 			if ev.Kind == logparse.EpochStart {
 				ar.maxEpoch = max(ar.maxEpoch, ev.Epoch)
 			}
+			if ev.Kind == logparse.EpochEnd {
+				ar.doneEpoch = max(ar.doneEpoch, ev.Epoch)
+			}
 			continue
 		default:
 		}
 		break
 	}
 	ex, werr := p.Exit()
+	r.lastDone = max(r.lastDone, ar.doneEpoch)
 	ar.exit = ex
 	ar.diag = sink.finish(logparse.Exit{Known: true, Code: ex.Code, Signal: ex.Signal})
 	if stallReason != "" && (ar.diag.Class == logparse.None || ar.diag.Class == logparse.Unknown) {
@@ -251,7 +258,7 @@ loop:
 	if r.cfg.GPU != nil {
 		gpu = r.cfg.GPU.End()
 	}
-	end := map[string]any{"exit_code": ex.Code, "signal": ex.Signal, "duration_s": r.cfg.Now().Sub(ar.start).Seconds(), "epoch": ar.maxEpoch, "effective_batch_size": effective}
+	end := map[string]any{"exit_code": ex.Code, "signal": ex.Signal, "duration_s": r.cfg.Now().Sub(ar.start).Seconds(), "epoch": ar.maxEpoch, "epochs_completed_to": ar.doneEpoch, "effective_batch_size": effective}
 	if gpu != nil {
 		end["gpu"] = gpu
 	}

@@ -95,44 +95,24 @@ func Resolve(args []string, getenv func(string) string) (*Job, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := nnunet.ValidFold(ta.Fold); err != nil {
-		return nil, err
-	}
 	env, err := nnunet.EnvFrom(getenv)
 	if err != nil {
 		return nil, err
 	}
-	ds, err := nnunet.FindDataset(env.Preprocessed, ta.Dataset)
+	tr, err := nnunet.Locate(env, ta)
 	if err != nil {
 		return nil, err
 	}
-	plansID := ta.Plans
-	if plansID == "" {
-		plansID = "nnUNetPlans"
-	}
-	plans, err := nnunet.LoadPlans(filepath.Join(env.Preprocessed, ds, plansID+".json"))
+	bs, err := tr.Plans.BatchSize(ta.Configuration)
 	if err != nil {
 		return nil, err
 	}
-	bs, err := plans.BatchSize(ta.Configuration)
-	if err != nil {
-		return nil, err
-	}
-	trainer := ta.Trainer
-	if trainer == "" {
-		trainer = "nnUNetTrainer"
-	}
-	dsName := plans.DatasetName
-	if dsName == "" {
-		dsName = ds
-	}
-	fold := nnunet.FoldDir(env, dsName, trainer, plans.Name, ta.Configuration, ta.Fold)
-	return &Job{Args: ta, Env: env, Dataset: ds, Plans: plans, FoldDir: fold, Batch: bs}, nil
+	return &Job{Args: ta, Env: env, Dataset: filepath.Base(tr.DatasetDir), Plans: tr.Plans, FoldDir: tr.FoldDir, Batch: bs}, nil
 }
 
 // Run supervises the job until it is trained or nnguard gives up.
 func Run(ctx context.Context, cfg Config, job *Job) (res Result) {
-	r := &runner{cfg: cfg, job: job, log: cfg.Log}
+	r := &runner{cfg: cfg, job: job, log: cfg.Log, lastDone: -1}
 	if r.log == nil {
 		r.log = zap.NewNop()
 	}
@@ -152,6 +132,9 @@ type runner struct {
 	events *Events
 	state  *State
 	dir    string // <fold>/nnguard
+	// lastDone is the highest epoch any attempt of this run completed, -1
+	// if none (for the epochs a restart loses).
+	lastDone int
 }
 
 func (r *runner) say(format string, a ...any) {

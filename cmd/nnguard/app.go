@@ -142,13 +142,13 @@ Exit codes: 0 trained (or already complete), 2 usage or configuration error, 3 g
 
 func trainCommand(stdout io.Writer, logp **zap.Logger) *cli.Command {
 	var o struct {
-		trainerCmd                          string
-		maxRestarts, minBatch, minWorkers   int
-		grace, killAfter, backoff           time.Duration
-		stallFactor                         float64
+		trainerCmd                           string
+		maxRestarts, minBatch, minWorkers    int
+		grace, killAfter, backoff            time.Duration
+		stallFactor                          float64
 		stallTimeout, firstEpoch, waitForGPU time.Duration
-		gpu, simGPU                         string
-		sampleInterval                      time.Duration
+		gpu, simGPU                          string
+		sampleInterval                       time.Duration
 	}
 	return &cli.Command{
 		Name:      "train",
