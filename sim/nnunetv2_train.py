@@ -19,7 +19,7 @@ Knobs (environment variables)
 | NNGUARD_SIM_SEED | 0 | seed for losses / pseudo dice (deterministic per epoch) |
 | NNGUARD_SIM_VERSION | 2.8.1 | "2.0"/"2.1": `--c` without any checkpoint crashes (tries to load checkpoint_best.pth) |
 | NNGUARD_SIM_TRAINERS | (empty) | comma-separated extra trainer class names accepted besides `nnUNetTrainer*` |
-| NNGUARD_SIM_SHUTDOWN_NOISE | 0 | 1: after a main-process exception also print the `Exception in thread Thread-N (results_loop)` tracebacks real runs print while shutting down (then the exception is not the last line) |
+| NNGUARD_SIM_SHUTDOWN_NOISE | 0 | 1: after a main-process exception also print the `Exception in thread Thread-N (results_loop)` tracebacks real runs print while shutting down (then the exception is not the last line; compile_error always prints them) |
 | NNGUARD_SIM_GPU_MIB | 24576 | simulated GPU total memory (MiB) |
 | NNGUARD_SIM_BASE_MIB | 2000 | model + CUDA context memory (MiB) |
 | NNGUARD_SIM_SAMPLE_MIB | 1000 | memory per sample of the per-GPU batch (MiB) |
@@ -737,10 +737,10 @@ def finish_process(code):
     os._exit(code)
 
 
-def fatal(text, noise_threads=(), code=1):
+def fatal(text, noise_threads=(), code=1, force_noise=False):
     """Print a fatal traceback (stderr), then hang (knob) or exit `code` after terminating the workers."""
     err(text)
-    if K is not None and K.shutdown_noise and WORKERS is not None and WORKERS.procs:
+    if K is not None and (K.shutdown_noise or force_noise) and WORKERS is not None and WORKERS.procs:
         for n in noise_threads or (1, 2):
             err(tb_results_loop_thread(n))
     if GPU is not None:
@@ -1216,8 +1216,8 @@ class Trainer:
         ]))
 
     def compile_error(self):
-        tmp = '/tmp/tmp%s' % ''.join(random.Random(K.seed).choice('abcdefghijklmnopqrstuvwxyz0123456789_')
-                                     for _ in range(8))
+        rnd = random.Random(K.seed)
+        tmp = '/tmp/tmp%s' % ''.join(rnd.choice('abcdefghijklmnopqrstuvwxyz0123456789_') for _ in range(8))
         err('%s/main.c:5:10: fatal error: Python.h: No such file or directory\n'
             '    5 | #include <Python.h>\n      |          ^~~~~~~~~~\ncompilation terminated.' % tmp)
         fatal('\n'.join(tb_forward() + [
@@ -1241,7 +1241,7 @@ class Trainer:
             '    import torch._dynamo',
             '    torch._dynamo.config.suppress_errors = True',
             '',
-        ]), noise_threads=(1, 2))
+        ]), noise_threads=(1, 2), force_noise=True)
 
     def run_training(self, n_proc_da):
         resuming_to_end = self.current_epoch >= self.num_epochs
@@ -1702,6 +1702,9 @@ def main(argv=None):
     trainer = Trainer(args.tr, plans, args.configuration, fold, dataset_json, args.device, pre_base, results)
     if args.disable_checkpointing:
         trainer.disable_checkpointing = True
+    if args.device == 'cuda':
+        GPU.own_mib = K.base_mib  # CUDA context + model
+        GPU.write()
     if args.c and args.val:
         fatal_plain(tb_entry() + [
             f'  File "{RUN_PY}", line 191, in run_training',

@@ -559,6 +559,11 @@ class TestFailures(SimCase):
             self.assertIn(text, err, cls)
             if text2:
                 self.assertIn(text2, err, cls)
+        # shutdown noise after a main-process exception (like c_fake_oom.log)
+        rc, out, err = self.run_sim('4', '3d_fullres', '4', env={'NNGUARD_SIM_FAIL': 'cuda_illegal',
+                                                                 'NNGUARD_SIM_SHUTDOWN_NOISE': '1'})
+        self.assertEqual(rc, 1)
+        self.assertLess(err.index('an illegal memory access'), err.index('Exception in thread Thread-1 (results_loop)'))
         # the settings-driven ones go away with the documented fix
         for cls, fix in (('compile_error', {'nnUNet_compile': 'f'}), ('shm_exhausted', {'nnUNet_n_proc_DA': '2'}),
                          ('validation_export', {'nnUNet_def_n_proc': '2'})):
