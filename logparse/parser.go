@@ -390,7 +390,11 @@ func (p *Parser) loss(v, line string) {
 // a CI timestamp "[2024-04-20T22:34:42.874Z]" or "[rank0]:".
 func stripPrefix(s string) string {
 	for range 3 {
-		s = strings.TrimLeft(s, " \t*>`")
+		i := 0
+		for i < len(s) && (s[i] == ' ' || s[i] == '\t' || s[i] == '*' || s[i] == '>' || s[i] == '`') {
+			i++
+		}
+		s = s[i:]
 		if len(s) > 0 && s[0] == '[' {
 			if j := strings.IndexByte(s, ']'); j > 0 && j < 48 {
 				s = strings.TrimPrefix(s[j+1:], ":")
@@ -450,10 +454,18 @@ func (p *Parser) failure(line string) {
 	p.found = patSet{}
 	hit := defaultMatcher.scan(line, &p.found)
 
-	s := stripPrefix(line)
-	frame := strings.HasPrefix(s, `File "`) && !faultFrame(s)
-	exc, isExc := excName(s)
-	killedLine := s == "Killed" || s == "Killed."
+	// Structure (frames, exception lines, "Killed") never starts with a
+	// digit: skip it for timestamped lines, the bulk of a long log.
+	var (
+		frame, isExc, killedLine bool
+		exc                      string
+	)
+	if len(line) > 0 && (line[0] < '0' || line[0] > '9') {
+		s := stripPrefix(line)
+		frame = strings.HasPrefix(s, `File "`) && !faultFrame(s)
+		exc, isExc = excName(s)
+		killedLine = s == "Killed" || s == "Killed."
+	}
 
 	// The line after a frame is source code ("raise RuntimeError(...)"):
 	// its words are code, not a message, so it only gives context.
