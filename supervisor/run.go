@@ -165,6 +165,7 @@ func (r *runner) run(ctx context.Context) Result {
 	}
 	lock, err := AcquireLock(filepath.Join(r.dir, "lock"))
 	if err != nil {
+		r.say("%v", err)
 		return Result{Outcome: Failed, ExitCode: ExitUsage, Reason: err.Error(), FoldDir: job.FoldDir}
 	}
 	defer lock.Unlock()

@@ -5,6 +5,7 @@ package atomicfile
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 )
@@ -55,15 +56,44 @@ func SyncDir(dir string) error {
 	return nil
 }
 
-// CopyFile copies src to dst atomically (dst appears complete or not at all).
-func CopyFile(src, dst string) error {
-	data, err := os.ReadFile(src)
+// CopyFile copies src to dst atomically (dst appears complete or not at
+// all), streaming, so a checkpoint of several GB needs no memory for it.
+func CopyFile(src, dst string) (err error) {
+	in, err := os.Open(src)
 	if err != nil {
 		return fmt.Errorf("atomicfile: %w", err)
 	}
-	st, err := os.Stat(src)
+	defer in.Close()
+	st, err := in.Stat()
 	if err != nil {
 		return fmt.Errorf("atomicfile: %w", err)
 	}
-	return WriteFile(dst, data, st.Mode().Perm())
+	dir := filepath.Dir(dst)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(dst)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("atomicfile: %w", err)
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if _, err = io.Copy(f, in); err != nil {
+		return fmt.Errorf("atomicfile: copy %s: %w", src, err)
+	}
+	if err = f.Chmod(st.Mode().Perm()); err != nil {
+		return fmt.Errorf("atomicfile: chmod %s: %w", dst, err)
+	}
+	if err = f.Sync(); err != nil {
+		return fmt.Errorf("atomicfile: sync %s: %w", dst, err)
+	}
+	if err = f.Close(); err != nil {
+		return fmt.Errorf("atomicfile: close %s: %w", dst, err)
+	}
+	if err = os.Rename(tmp, dst); err != nil {
+		return fmt.Errorf("atomicfile: rename %s: %w", dst, err)
+	}
+	return SyncDir(dir)
 }
