@@ -36,7 +36,7 @@ type watchdog struct {
 	phase     int // 0 startup, 1 training, 2 validation
 	last      time.Time
 	lastCPU   uint64
-	lastStart time.Time     // wall time of the last epoch start / validation case
+	lastStart time.Time       // wall time of the last epoch start / validation case
 	recent    []time.Duration // wall time of recent epochs (or cases in validation)
 	logSize   int64
 	logName   string
