@@ -152,15 +152,13 @@ func (p *Parser) truncated() verdict {
 		ev := []Evidence{p.ctxEv[bit(ctxTrainStep)], p.ctxEv[bit(ctxForward)]}
 		return verdict{class: GPUOOM, ev: sortEvidence(ev),
 			reason: "the log ends inside a traceback in the network's forward/backward pass of a training step, before the exception line; the usual cause there is CUDA running out of memory (inferred; lower the batch size if it repeats)"}
-	case p.inValidation && p.sigs[sigValFallback].first == 0 && p.trainingDoneOrPredicting():
+	case p.inValidation && p.sigs[sigValFallback].first == 0:
 		return verdict{class: ValidationExport, inVal: true,
 			reason: "the log ends inside a traceback during the final validation, before the exception line; the usual cause there is an export worker killed for lack of host RAM (inferred; rerun with --val and a lower nnUNet_def_n_proc)"}
 	}
 	return verdict{class: Unknown, inVal: p.inValidation,
 		reason: "the log ends inside a traceback, before its exception line: the cause is not in the text"}
 }
-
-func (p *Parser) trainingDoneOrPredicting() bool { return p.inValidation }
 
 func (p *Parser) explicit(s sig) verdict {
 	r := &p.sigs[s]

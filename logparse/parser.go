@@ -783,7 +783,10 @@ func (p *Parser) fatal() {
 	if p.fatalSent {
 		return
 	}
-	p.fatalSent = true
 	c := p.decide(Exit{})
+	if c.class == None {
+		return // e.g. the results_loop noise after a KeyboardInterrupt
+	}
+	p.fatalSent = true
 	p.emit(Event{Kind: Fatal, Epoch: p.epoch, Class: c.class})
 }
