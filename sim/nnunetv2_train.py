@@ -1107,7 +1107,7 @@ class Trainer:
             block_forever()
         if self.device == 'cuda' and fault_due('xid', K.xid_at_epoch, epoch):
             once_record('xid')
-            GPU.xids.append({'xid': 79, 'time': int(time.time())})
+            GPU.xids.append({'xid': 79, 'time': time.time()})
             GPU.write()
             fatal('\n'.join(tb_forward() + [
                 f'  File "{SITE}/dynamic_network_architectures/architectures/unet.py", line 62, in forward',

@@ -48,7 +48,7 @@ func newGPU(simPath string, interval time.Duration, log *zap.Logger, out io.Writ
 	} else {
 		nv, err := nvml.NewSystem()
 		if err != nil {
-			fmt.Fprintf(out, "[nnguard] GPU monitoring is off (%v); training is supervised from its output only\n", gpuOffReason(err))
+			fmt.Fprintf(out, "[nnguard] %v; training is supervised from its output only\n", gpuOffReason(err))
 			log.Info("nvml unavailable", zap.Error(err))
 			return nil
 		}
