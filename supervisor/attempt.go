@@ -12,6 +12,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/nnguard/nnguard/internal/atomicfile"
 	"github.com/nnguard/nnguard/logparse"
 	"github.com/nnguard/nnguard/nnunet"
 	"github.com/nnguard/nnguard/policy"
@@ -30,6 +31,8 @@ type GPU interface {
 	End() map[string]any
 	// Facts returns what the GPU looked like at a failure.
 	Facts(pids []int, since time.Time) policy.GPUFacts
+	// Latest returns the newest sample of the running attempt.
+	Latest() (map[string]any, bool)
 	// WaitFree blocks until other processes hold less than the contention
 	// share of the GPU, or max passes (error), or ctx ends.
 	WaitFree(ctx context.Context, max time.Duration) error
@@ -44,7 +47,11 @@ type attemptResult struct {
 	pids        []int
 	interrupted bool
 	stalled     bool
+	gpuRecent   any // the last GPU samples, for the failure report
 }
+
+// gpuSampleLogEvery is how often a GPU sample goes to the event log.
+const gpuSampleLogEvery = time.Minute
 
 // lineSink receives the trainer's bytes in the pty reader goroutine, splits
 // them into lines and parses them; events go to the attempt loop.
@@ -105,11 +112,18 @@ func (r *runner) attempt(ctx context.Context, n int, resume bool) (attemptResult
 		}
 	}
 	cont := (resume || job.Args.Continue) && rp.HasCheckpoint
+	if !cont && !set.ValidationOnly && rp.HasCheckpoint {
+		// A fresh start in a folder with checkpoints: nnU-Net overwrites
+		// checkpoint_best.pth after its first epoch. Keep copies first.
+		if err := r.backupBeforeFreshStart(n); err != nil {
+			return ar, err
+		}
+	}
 	argv := append([]string{}, r.cfg.TrainerCmd...)
 	argv = append(argv, job.Args.Argv(nnunet.ArgvOptions{
 		Plans:          r.state.DerivedPlans,
 		Continue:       cont && !set.ValidationOnly,
-		DropPretrained: resume || rp.HasCheckpoint,
+		DropPretrained: cont,
 		ValOnly:        set.ValidationOnly,
 	})...)
 	over := set.Env()
@@ -183,6 +197,12 @@ func (r *runner) attempt(ctx context.Context, n int, resume bool) (attemptResult
 	}
 	var stallReason string
 	effective := 0
+	type epochAt struct {
+		t time.Time
+		e int
+	}
+	var epochStarts []epochAt
+	lastSampleLog := r.cfg.Now()
 loop:
 	for {
 		select {
@@ -191,6 +211,10 @@ loop:
 			switch ev.Kind {
 			case logparse.EpochStart:
 				ar.maxEpoch = max(ar.maxEpoch, ev.Epoch)
+				epochStarts = append(epochStarts, epochAt{r.cfg.Now(), ev.Epoch})
+				if len(epochStarts) > 4096 {
+					epochStarts = epochStarts[2048:]
+				}
 			case logparse.EpochEnd:
 				ar.doneEpoch = max(ar.doneEpoch, ev.Epoch)
 			case logparse.BatchSize:
@@ -212,6 +236,13 @@ loop:
 			r.events.Emit("grace_expired", n, nil)
 			stop()
 		case <-ticker.C:
+			if r.cfg.GPU != nil && r.cfg.Now().Sub(lastSampleLog) >= gpuSampleLogEvery {
+				lastSampleLog = r.cfg.Now()
+				if s, ok := r.cfg.GPU.Latest(); ok {
+					s["epoch"] = ar.maxEpoch
+					r.events.Emit("gpu_sample", n, s)
+				}
+			}
 			if stopping {
 				continue
 			}
@@ -257,6 +288,18 @@ loop:
 	var gpu map[string]any
 	if r.cfg.GPU != nil {
 		gpu = r.cfg.GPU.End()
+		if pt, ok := gpu["peak_time"].(time.Time); ok {
+			pe := -1
+			for _, es := range epochStarts {
+				if !es.t.After(pt) {
+					pe = es.e
+				}
+			}
+			gpu["peak_epoch"] = pe
+		}
+		if rec, ok := gpu["recent"]; ok {
+			ar.gpuRecent = rec
+		}
 	}
 	end := map[string]any{"exit_code": ex.Code, "signal": ex.Signal, "duration_s": r.cfg.Now().Sub(ar.start).Seconds(), "epoch": ar.maxEpoch, "epochs_completed_to": ar.doneEpoch, "effective_batch_size": effective}
 	if gpu != nil {
@@ -279,3 +322,29 @@ func planID(s *State) string {
 func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
 
 func numCPU() int { return runtime.NumCPU() }
+
+// backupBeforeFreshStart copies the fold's checkpoints into
+// nnguard/checkpoint-backups/fresh-start-<time>/ before an attempt that
+// starts training anew in a folder that has some.
+func (r *runner) backupBeforeFreshStart(n int) error {
+	dir := filepath.Join(r.job.FoldDir, filepath.FromSlash(nnunet.BackupDir), "fresh-start-"+r.cfg.Now().UTC().Format("20060102T150405Z"))
+	var copied []string
+	for _, name := range []string{nnunet.CheckpointFinal, nnunet.CheckpointLatest, nnunet.CheckpointBest} {
+		src := filepath.Join(r.job.FoldDir, name)
+		if !fileExists(src) {
+			continue
+		}
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return fmt.Errorf("supervisor: backup: %w", err)
+		}
+		if err := atomicfile.CopyFile(src, filepath.Join(dir, name)); err != nil {
+			return fmt.Errorf("supervisor: backup %s: %w", name, err)
+		}
+		copied = append(copied, name)
+	}
+	if len(copied) > 0 {
+		r.say("starting a new training in a folder with checkpoints (no --c): copies kept in %s", dir)
+		r.events.Emit("checkpoint_backup", n, map[string]any{"dir": dir, "files": copied, "why": "fresh start without --c overwrites checkpoint_best.pth"})
+	}
+	return nil
+}

@@ -73,13 +73,15 @@ type State struct {
 	OriginalBatchSize int             `json:"original_batch_size"`
 	Settings          policy.Settings `json:"settings"`
 	// EffectiveBatchSize is what the trainer printed in its configuration.
-	EffectiveBatchSize int              `json:"effective_batch_size,omitempty"`
-	Attempts           int              `json:"attempts"`
-	History            []policy.Record  `json:"history"`
-	LastDecision       *policy.Decision `json:"last_decision,omitempty"`
-	Outcome            string           `json:"outcome,omitempty"` // set when a run ends
-	PeakGPUBytes       uint64           `json:"peak_gpu_bytes,omitempty"`
-	UpdatedAt          time.Time        `json:"updated_at"`
+	EffectiveBatchSize int             `json:"effective_batch_size,omitempty"`
+	Attempts           int             `json:"attempts"`
+	History            []policy.Record `json:"history"`
+	// Previous holds the history of earlier runs that gave up.
+	Previous     []policy.Record  `json:"previous_history,omitempty"`
+	LastDecision *policy.Decision `json:"last_decision,omitempty"`
+	Outcome      string           `json:"outcome,omitempty"` // set when a run ends
+	PeakGPUBytes uint64           `json:"peak_gpu_bytes,omitempty"`
+	UpdatedAt    time.Time        `json:"updated_at"`
 }
 
 // StateVersion is the schema version of state.json.

@@ -182,6 +182,13 @@ func (r *runner) run(ctx context.Context) Result {
 	continuing := prev != nil && prev.Outcome != Completed
 	if continuing {
 		r.state = prev
+		if prev.Outcome == GaveUp {
+			// The user runs it again after nnguard gave up, presumably having
+			// fixed something: keep the settings, start the crash-loop
+			// bookkeeping afresh.
+			r.state.Previous = append(r.state.Previous, r.state.History...)
+			r.state.History = nil
+		}
 		r.state.Outcome = ""
 		r.say("continuing an earlier nnguard run of this fold: batch size %d, nnUNet_n_proc_DA %d, %d attempts so far", prev.Settings.BatchSize, prev.Settings.NProcDA, prev.Attempts)
 	} else {
@@ -246,7 +253,11 @@ func (r *runner) run(ctx context.Context) Result {
 		for _, e := range d.Evidence {
 			ev = append(ev, e.Text)
 		}
-		r.events.Emit("failure", n, map[string]any{"class": d.Class, "reason": d.Reason, "evidence": ev, "evidence_lines": d.Evidence, "epoch": ar.maxEpoch, "file": d.File})
+		ff := map[string]any{"class": d.Class, "reason": d.Reason, "evidence": ev, "evidence_lines": d.Evidence, "epoch": ar.maxEpoch, "file": d.File}
+		if ar.gpuRecent != nil {
+			ff["gpu_recent"] = ar.gpuRecent
+		}
+		r.events.Emit("failure", n, ff)
 		r.say("attempt %d failed: %s: %s", n, d.Class, d.Reason)
 
 		facts := policy.GPUFacts{FreeOther: -1}

@@ -207,6 +207,10 @@ per line), state.json (settings in force; running the same command again continu
 				WaitForGPU: o.waitForGPU, GPUAuto: o.gpu == "auto",
 				Stdout: stdout, Log: log,
 			}
+			if job.Args.NumGPUs > cfg.Limits.MinBatchSize {
+				// DDP needs at least one sample per GPU (nnU-Net asserts it).
+				cfg.Limits.MinBatchSize = job.Args.NumGPUs
+			}
 			if gpu != nil {
 				cfg.GPU = gpu
 				defer gpu.Close()

@@ -156,6 +156,21 @@ func (g *gpuMonitor) Begin(pgid int) {
 	go func(s *nvml.Sampler, done chan struct{}) { defer close(done); s.Run(ctx) }(g.sampler, g.done)
 }
 
+func (g *gpuMonitor) Latest() (map[string]any, bool) {
+	g.mu.Lock()
+	s := g.sampler
+	g.mu.Unlock()
+	if s == nil {
+		return nil, false
+	}
+	rec := s.Recent()
+	if len(rec) == 0 {
+		return nil, false
+	}
+	l := rec[len(rec)-1]
+	return map[string]any{"device": l.Device, "used_mib": l.UsedBytes >> 20, "total_mib": l.TotalBytes >> 20, "tree_mib": l.TreeBytes >> 20, "tree_from_device": l.TreeFromDevice}, true
+}
+
 func (g *gpuMonitor) End() map[string]any {
 	g.mu.Lock()
 	s, cancel, done := g.sampler, g.cancel, g.done

@@ -212,3 +212,41 @@ func TestFinalWithoutSummaryRerunsValidationOnly(t *testing.T) {
 	assertComplete(t, tr)
 	assertNoProcesses(t, tr)
 }
+
+// TestFreshStartInFolderWithCheckpointsKeepsCopies: the user trained with
+// nnUNetv2_train directly, it crashed, and now runs nnguard without --c.
+// nnU-Net would overwrite checkpoint_best.pth after one epoch; nnguard keeps
+// copies first and passes -pretrained_weights through on the first attempt.
+func TestFreshStartInFolderWithCheckpointsKeepsCopies(t *testing.T) {
+	tr := mkTree(t, 2)
+	knobs := fastSim()
+	knobs["NNGUARD_SIM_CRASH_AT_EPOCH"] = "3"
+	direct := execCommand("python3", repoPath(t, "sim/nnunetv2_train.py"), "4", "3d_fullres", "0")
+	direct.Env = tr.env(knobs)
+	if out, err := direct.CombinedOutput(); err == nil {
+		t.Fatalf("the direct run should have crashed:\n%s", out)
+	}
+	best := readFile(t, filepath.Join(tr.fold(), "checkpoint_best.pth"))
+	weights := filepath.Join(t.TempDir(), "pretrained.pth")
+	os.WriteFile(weights, best, 0o644)
+	delete(knobs, "NNGUARD_SIM_CRASH_AT_EPOCH")
+	code, out := runNN(t, tr, knobs, "4", "3d_fullres", "0", "-pretrained_weights", weights)
+	if code != 0 {
+		t.Fatalf("exit %d\n%s", code, out)
+	}
+	evs := readEvents(t, tr.fold())
+	b := filter(evs, "checkpoint_backup")
+	if len(b) != 1 {
+		t.Fatalf("no backup before the fresh start: %v", b)
+	}
+	saved := readFile(t, filepath.Join(b[0]["dir"].(string), "checkpoint_best.pth"))
+	if string(saved) != string(best) {
+		t.Fatal("the backup of checkpoint_best.pth differs from the original")
+	}
+	first := argvOf(filter(evs, "attempt_start")[0])
+	if !strings.Contains(first, "-pretrained_weights "+weights) || strings.Contains(first, "--c") {
+		t.Fatalf("first attempt argv %q", first)
+	}
+	assertComplete(t, tr)
+	assertNoProcesses(t, tr)
+}
