@@ -4,6 +4,7 @@
 package atomicfile
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"os"
@@ -12,7 +13,28 @@ import (
 
 // WriteFile atomically replaces path with data. The temporary file lives in
 // the same directory so that the rename never crosses a file system.
-func WriteFile(path string, data []byte, perm os.FileMode) (err error) {
+func WriteFile(path string, data []byte, perm os.FileMode) error {
+	return write(path, perm, bytes.NewReader(data))
+}
+
+// CopyFile copies src to dst atomically (dst appears complete or not at
+// all), streaming, so a checkpoint of several GB needs no memory for it.
+func CopyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return fmt.Errorf("atomicfile: %w", err)
+	}
+	defer in.Close()
+	st, err := in.Stat()
+	if err != nil {
+		return fmt.Errorf("atomicfile: %w", err)
+	}
+	return write(dst, st.Mode().Perm(), in)
+}
+
+// write fills a temporary file next to path from r, syncs it and renames it
+// over path; on any error the temporary file is removed and path untouched.
+func write(path string, perm os.FileMode, r io.Reader) (err error) {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
@@ -25,7 +47,7 @@ func WriteFile(path string, data []byte, perm os.FileMode) (err error) {
 			os.Remove(tmp)
 		}
 	}()
-	if _, err = f.Write(data); err != nil {
+	if _, err = io.Copy(f, r); err != nil {
 		return fmt.Errorf("atomicfile: write %s: %w", path, err)
 	}
 	if err = f.Chmod(perm); err != nil {
@@ -54,46 +76,4 @@ func SyncDir(dir string) error {
 		return fmt.Errorf("atomicfile: sync dir %s: %w", dir, err)
 	}
 	return nil
-}
-
-// CopyFile copies src to dst atomically (dst appears complete or not at
-// all), streaming, so a checkpoint of several GB needs no memory for it.
-func CopyFile(src, dst string) (err error) {
-	in, err := os.Open(src)
-	if err != nil {
-		return fmt.Errorf("atomicfile: %w", err)
-	}
-	defer in.Close()
-	st, err := in.Stat()
-	if err != nil {
-		return fmt.Errorf("atomicfile: %w", err)
-	}
-	dir := filepath.Dir(dst)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(dst)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("atomicfile: %w", err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if _, err = io.Copy(f, in); err != nil {
-		return fmt.Errorf("atomicfile: copy %s: %w", src, err)
-	}
-	if err = f.Chmod(st.Mode().Perm()); err != nil {
-		return fmt.Errorf("atomicfile: chmod %s: %w", dst, err)
-	}
-	if err = f.Sync(); err != nil {
-		return fmt.Errorf("atomicfile: sync %s: %w", dst, err)
-	}
-	if err = f.Close(); err != nil {
-		return fmt.Errorf("atomicfile: close %s: %w", dst, err)
-	}
-	if err = os.Rename(tmp, dst); err != nil {
-		return fmt.Errorf("atomicfile: rename %s: %w", dst, err)
-	}
-	return SyncDir(dir)
 }

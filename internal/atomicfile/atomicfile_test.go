@@ -60,3 +60,17 @@ func TestCopyFile(t *testing.T) {
 		t.Fatal(string(b))
 	}
 }
+
+func TestWriteFileIntoReplacedFolderFails(t *testing.T) {
+	// works as root too: the "folder" is a file
+	dir := t.TempDir()
+	notDir := filepath.Join(dir, "f")
+	os.WriteFile(notDir, []byte("x"), 0o644)
+	if err := WriteFile(filepath.Join(notDir, "a"), []byte("new"), 0o644); err == nil {
+		t.Fatal("expected an error")
+	}
+	ents, _ := os.ReadDir(dir)
+	if len(ents) != 1 {
+		t.Fatalf("left files behind: %v", ents)
+	}
+}
