@@ -161,7 +161,11 @@ func (r *runner) run(ctx context.Context) Result {
 	}
 	r.dir = filepath.Join(job.FoldDir, "nnguard")
 	if err := os.MkdirAll(r.dir, 0o755); err != nil {
-		return r.fail(fmt.Errorf("supervisor: cannot create %s: %w", r.dir, err), 0)
+		// Nothing ran yet: this is the user's setup (an unwritable or
+		// broken nnUNet_results), a configuration error.
+		err = fmt.Errorf("supervisor: cannot create %s (check that nnUNet_results is writable): %w", r.dir, err)
+		r.say("%v", err)
+		return Result{Outcome: Failed, ExitCode: ExitUsage, Reason: err.Error(), FoldDir: job.FoldDir}
 	}
 	lock, err := AcquireLock(filepath.Join(r.dir, "lock"))
 	if err != nil {

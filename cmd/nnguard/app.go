@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"strings"
 	"time"
 
@@ -181,6 +182,9 @@ per line), state.json (settings in force; running the same command again continu
 			argv, err := shlex.Split(o.trainerCmd)
 			if err != nil || len(argv) == 0 {
 				return exitWith(supervisor.ExitUsage, fmt.Errorf("bad --trainer-cmd %q: %v", o.trainerCmd, err))
+			}
+			if _, err := exec.LookPath(argv[0]); err != nil {
+				return exitWith(supervisor.ExitUsage, fmt.Errorf("trainer command %q not found (is nnU-Net installed in this environment? set --trainer-cmd or NNGUARD_TRAINER_CMD): %v", argv[0], err))
 			}
 			if c.NArg() < 3 {
 				return exitWith(supervisor.ExitUsage, fmt.Errorf("usage: %s", trainUsage))

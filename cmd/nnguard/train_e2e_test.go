@@ -274,3 +274,30 @@ func TestSecondNNGuardOnSameFoldRefuses(t *testing.T) {
 	}
 	assertNoProcesses(t, tr)
 }
+
+func TestUnusableSetupExits2(t *testing.T) {
+	tr := mkTree(t, 2)
+	t.Run("trainer not found", func(t *testing.T) {
+		cmd := execCommand(nnguardBin, "train", "--trainer-cmd", "/nonexistent/nnUNetv2_train", "4", "3d_fullres", "0")
+		cmd.Env = tr.env(fastSim())
+		out, _ := cmd.CombinedOutput()
+		if cmd.ProcessState.ExitCode() != 2 || !strings.Contains(string(out), "not found") {
+			t.Fatalf("exit %d\n%s", cmd.ProcessState.ExitCode(), out)
+		}
+	})
+	t.Run("results folder unwritable", func(t *testing.T) {
+		// the trainer's folder is a file: nothing can be created below it
+		base := filepath.Dir(tr.fold())
+		os.MkdirAll(filepath.Dir(base), 0o755)
+		if err := os.WriteFile(base, []byte("not a folder"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		code, out := runNN(t, tr, fastSim(), "4", "3d_fullres", "0")
+		if code != 2 || !strings.Contains(out, "nnUNet_results") {
+			t.Fatalf("exit %d\n%s", code, out)
+		}
+		if b, _ := os.ReadFile(base); string(b) != "not a folder" {
+			t.Fatal("the file was changed")
+		}
+	})
+}
