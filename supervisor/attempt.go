@@ -301,7 +301,15 @@ loop:
 			ar.gpuRecent = rec
 		}
 	}
-	end := map[string]any{"exit_code": ex.Code, "signal": ex.Signal, "duration_s": r.cfg.Now().Sub(ar.start).Seconds(), "epoch": ar.maxEpoch, "epochs_completed_to": ar.doneEpoch, "effective_batch_size": effective}
+	// exit_code follows the shell: 128+N when the trainer was killed by
+	// signal N (signal then names it), the exit status otherwise.
+	var sig any
+	code := ex.Code
+	if ex.Signal != "" {
+		sig = ex.Signal
+		code = 128 + ex.Number
+	}
+	end := map[string]any{"exit_code": code, "signal": sig, "duration_s": r.cfg.Now().Sub(ar.start).Seconds(), "epoch": ar.maxEpoch, "epochs_completed_to": ar.doneEpoch, "effective_batch_size": effective}
 	if gpu != nil {
 		end["gpu"] = gpu
 	}

@@ -28,6 +28,7 @@ type Spec struct {
 type Exit struct {
 	Code   int    // exit status, -1 when killed by a signal
 	Signal string // "SIGKILL", ... when killed by a signal
+	Number int    // the signal's number when killed by a signal
 }
 
 func (e Exit) String() string {
@@ -144,7 +145,7 @@ func exitOf(ps *os.ProcessState) Exit {
 		return Exit{Code: -1}
 	}
 	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		return Exit{Code: -1, Signal: signalName(ws.Signal())}
+		return Exit{Code: -1, Signal: signalName(ws.Signal()), Number: int(ws.Signal())}
 	}
 	return Exit{Code: ps.ExitCode()}
 }

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -277,7 +278,7 @@ func (r *runner) run(ctx context.Context) Result {
 		})
 		r.state.History = append(r.state.History, policy.Record{Class: d.Class, Settings: r.state.Settings, Epoch: ar.maxEpoch})
 		r.state.LastDecision = &dec
-		r.events.Emit("action", n, map[string]any{"kind": dec.Kind, "class": dec.Class, "from": dec.From, "to": dec.To, "reason": dec.Reason, "settings": dec.Next})
+		r.events.Emit("action", n, map[string]any{"kind": dec.Kind, "class": dec.Class, "from": jsonValue(dec.From), "to": jsonValue(dec.To), "reason": dec.Reason, "settings": dec.Next})
 		r.say("%s: %s", dec.Kind, dec.Reason)
 		if dec.Kind == policy.GiveUp {
 			code := ExitGaveUp
@@ -423,4 +424,17 @@ func overrideEnv(environ []string, set map[string]string) []string {
 		out = append(out, k+"="+set[k])
 	}
 	return out
+}
+
+// jsonValue makes a numeric action value (a batch size, a worker count) a
+// JSON number and leaves words ("expandable_segments:True") strings; an
+// empty value is null.
+func jsonValue(s string) any {
+	if s == "" {
+		return nil
+	}
+	if n, err := strconv.Atoi(s); err == nil {
+		return n
+	}
+	return s
 }

@@ -32,7 +32,7 @@ func TestTrainOOMLowersBatchSizeAndResumes(t *testing.T) {
 		t.Fatalf("failures %v", fails)
 	}
 	acts := filter(evs, "action")
-	if len(acts) != 1 || acts[0]["kind"] != "lower_batch_size" || acts[0]["from"] != "8" || acts[0]["to"] != "4" {
+	if len(acts) != 1 || acts[0]["kind"] != "lower_batch_size" || num(acts[0]["from"]) != 8 || num(acts[0]["to"]) != 4 {
 		t.Fatalf("actions %v", acts)
 	}
 	starts := filter(evs, "attempt_start")
@@ -75,7 +75,7 @@ func TestTrainDeadWorkersLowerWorkers(t *testing.T) {
 	assertNoProcesses(t, tr)
 	evs := readEvents(t, tr.fold())
 	acts := filter(evs, "action")
-	if len(acts) != 1 || acts[0]["kind"] != "lower_workers" || acts[0]["from"] != "12" || acts[0]["to"] != "6" {
+	if len(acts) != 1 || acts[0]["kind"] != "lower_workers" || num(acts[0]["from"]) != 12 || num(acts[0]["to"]) != 6 {
 		t.Fatalf("actions %v\n%s", acts, out)
 	}
 	if f := filter(evs, "failure"); f[0]["class"] != "host_oom" {
