@@ -365,9 +365,11 @@ func (p *Parser) oomDetails(line string) {
 	if !p.oomPhaseSet {
 		p.oomPhaseSet = true
 		switch {
+		case p.tbCtx&ctxTrainStep != 0: // the traceback's frames say where, whatever came before
+			p.oomPhase = "training"
 		case p.inValidation || p.valWin:
 			p.oomPhase = "validation"
-		case p.epoch >= 0 || p.tbCtx&ctxTrainStep != 0:
+		case p.epoch >= 0:
 			p.oomPhase = "training"
 		case p.sawTS:
 			p.oomPhase = "startup"

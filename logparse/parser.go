@@ -347,6 +347,12 @@ func (p *Parser) setBatchSize(bs int) {
 
 func (p *Parser) epochStart(n int) {
 	p.epoch = n
+	// A new epoch means training (again): a later run in the same log (a job
+	// that trains several folds, an appended cluster log) is not in the
+	// final validation of an earlier one.
+	p.inValidation = false
+	p.valWin = false
+	p.trainingDone = false
 	p.emit(Event{Kind: EpochStart, Epoch: n})
 }
 

@@ -150,6 +150,20 @@ func decide(in Input) Decision {
 			return Decision{Kind: WaitForGPU, Class: logparse.GPUContention, Next: s,
 				Reason: fmt.Sprintf("other processes hold %d MiB of %d MiB on the GPU; waiting for it instead of lowering the batch size", in.GPU.ForeignBytes>>20, in.GPU.TotalBytes>>20)}
 		}
+		if in.Diagnosis.InValidation && c == logparse.GPUOOM {
+			// The batch size plays no part in the final validation (it
+			// predicts case by case with the patch size); the training is done.
+			if s.ValidationOnly && repeated(in) {
+				return giveUp(in, "CUDA ran out of memory in the final validation again; run it on a GPU with more free memory (nnUNetv2_train ... --val), the trained checkpoint_final.pth is complete")
+			}
+			n := s
+			n.ValidationOnly = true
+			if !s.ExpandableSegments && !in.Limits.UserAllocConf {
+				n.ExpandableSegments = true
+			}
+			return Decision{Kind: RerunValidation, Class: c, Next: n,
+				Reason: "CUDA ran out of memory in the final validation, not in training: the batch size is not the cause; rerunning only the validation (--val)"}
+		}
 		if in.Diagnosis.ReservedUnallocated && !s.ExpandableSegments && !in.Limits.UserAllocConf {
 			n := s
 			n.ExpandableSegments = true

@@ -237,6 +237,50 @@ type classifyJSON struct {
 	Evidence []logparse.Evidence `json:"evidence"`
 }
 
+// classifyOne diagnoses one saved log (name "-" is stdin) and prints it.
+func classifyOne(stdout io.Writer, name string, asJSON bool) error {
+	var r io.Reader = os.Stdin
+	if name != "-" {
+		f, err := os.Open(name)
+		if err != nil {
+			return fmt.Errorf("classify: %w", err)
+		}
+		defer f.Close()
+		r = f
+	}
+	d, err := logparse.Classify(r)
+	if err != nil {
+		return fmt.Errorf("classify %s: %w", name, err)
+	}
+	dec := policy.Would(d)
+	out := classifyJSON{File: name, Class: d.Class, Action: string(dec.Kind), Reason: d.Reason, Evidence: d.Evidence}
+	if d.Class != logparse.None {
+		out.Advice = dec.Reason
+	}
+	if out.Evidence == nil {
+		out.Evidence = []logparse.Evidence{}
+	}
+	if out.Reason == "" {
+		out.Reason = "no failure found"
+	}
+	if asJSON {
+		b, err := jsonMarshal(out)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout, string(b))
+		return nil
+	}
+	fmt.Fprintf(stdout, "%s: %s\n  action: %s\n  reason: %s\n", name, out.Class, out.Action, out.Reason)
+	if out.Advice != "" {
+		fmt.Fprintf(stdout, "  nnguard would: %s\n", out.Advice)
+	}
+	for _, e := range out.Evidence {
+		fmt.Fprintf(stdout, "  %6d: %s\n", e.Line, strings.TrimRight(e.Text, " "))
+	}
+	return nil
+}
+
 func classifyCommand(stdout io.Writer) *cli.Command {
 	var asJSON bool
 	return &cli.Command{
@@ -251,45 +295,16 @@ Files of any size are read as a stream.`,
 			if c.NArg() == 0 {
 				return exitWith(supervisor.ExitUsage, errors.New("usage: nnguard classify [--json] FILE... (- reads stdin)"))
 			}
+			var failed error
 			for _, name := range c.Args().Slice() {
-				var r io.Reader
-				if name == "-" {
-					r = os.Stdin
-				} else {
-					f, err := os.Open(name)
-					if err != nil {
-						return exitWith(supervisor.ExitUsage, fmt.Errorf("classify: %w", err))
-					}
-					defer f.Close()
-					r = f
+				if err := classifyOne(stdout, name, asJSON); err != nil {
+					// report it and go on with the other files
+					fmt.Fprintln(c.App.ErrWriter, "nnguard:", err)
+					failed = err
 				}
-				d, err := logparse.Classify(r)
-				if err != nil {
-					return exitWith(supervisor.ExitFailed, fmt.Errorf("classify %s: %w", name, err))
-				}
-				dec := policy.Would(d)
-				out := classifyJSON{File: name, Class: d.Class, Action: string(dec.Kind), Reason: d.Reason, Evidence: d.Evidence}
-				if d.Class != logparse.None {
-					out.Advice = dec.Reason
-				}
-				if out.Evidence == nil {
-					out.Evidence = []logparse.Evidence{}
-				}
-				if out.Reason == "" {
-					out.Reason = "no failure found"
-				}
-				if asJSON {
-					b, _ := jsonMarshal(out)
-					fmt.Fprintln(stdout, string(b))
-					continue
-				}
-				fmt.Fprintf(stdout, "%s: %s\n  action: %s\n  reason: %s\n", name, out.Class, out.Action, out.Reason)
-				if out.Advice != "" {
-					fmt.Fprintf(stdout, "  nnguard would: %s\n", out.Advice)
-				}
-				for _, e := range out.Evidence {
-					fmt.Fprintf(stdout, "  %6d: %s\n", e.Line, strings.TrimRight(e.Text, " "))
-				}
+			}
+			if failed != nil {
+				return exitWith(supervisor.ExitUsage, errors.New(""))
 			}
 			return nil
 		},

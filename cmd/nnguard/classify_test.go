@@ -524,3 +524,22 @@ func TestVersionAndHelp(t *testing.T) {
 		}
 	}
 }
+
+// A missing file among several is reported, the others are still classified.
+func TestClassifyMissingFileAmongOthers(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	a := filepath.Join(dir, "a.log")
+	b := filepath.Join(dir, "b.log")
+	os.WriteFile(a, transcript(t, "nnunet-cpu/c_fake_oom.log"), 0o644)
+	os.WriteFile(b, transcript(t, "nnunet-cpu/b_kill_train_worker.log"), 0o644)
+	missing := filepath.Join(dir, "missing.log")
+	code, out, errs := runBin(t, nil, nil, "classify", "--json", a, missing, b)
+	if code != 2 || !strings.Contains(errs, missing) {
+		t.Fatalf("exit %d, stderr %q", code, errs)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 2 || !strings.Contains(lines[0], `"gpu_oom"`) || !strings.Contains(lines[1], `"host_oom"`) {
+		t.Fatalf("stdout %q", out)
+	}
+}

@@ -92,7 +92,8 @@ func (tr tree) env(knobs map[string]string) []string {
 		}
 		env = append(env, kv)
 	}
-	env = append(env, "nnUNet_raw="+tr.raw, "nnUNet_preprocessed="+tr.pre, "nnUNet_results="+tr.res)
+	env = append(env, "nnUNet_raw="+tr.raw, "nnUNet_preprocessed="+tr.pre, "nnUNet_results="+tr.res,
+		"GORACE=atexit_sleep_ms=0") // the -race binary would sleep 1 s at exit
 	for k, v := range knobs {
 		env = append(env, k+"="+v)
 	}
