@@ -168,6 +168,7 @@ func (r *runner) attempt(ctx context.Context, n int, resume bool) (attemptResult
 	defer console.Close()
 	fmt.Fprintf(console, "\n===== nnguard attempt %d %s: %q =====\n", n, r.cfg.Now().UTC().Format(time.RFC3339), argv)
 	sink := newLineSink()
+	oomBefore, oomOK := r.oomKills.Count()
 	ar.start = r.cfg.Now()
 	p, err := Start(Spec{Argv: argv, Env: overrideEnv(r.cfg.Environ, over), Output: io.MultiWriter(r.cfg.Stdout, console, sink)})
 	if err != nil {
@@ -281,6 +282,19 @@ loop:
 	r.lastDone = max(r.lastDone, ar.doneEpoch)
 	ar.exit = ex
 	ar.diag = sink.finish(logparse.Exit{Known: true, Code: ex.Code, Signal: ex.Signal})
+	if oomAfter, ok := r.oomKills.Count(); ok && oomOK && oomAfter > oomBefore {
+		// The kernel killed processes of our cgroup for memory during the
+		// attempt: a worker (or the trainer) died for host RAM, whatever the
+		// text says about the symptom.
+		ev := logparse.Evidence{Text: fmt.Sprintf("cgroup memory: oom_kill rose from %d to %d during the attempt", oomBefore, oomAfter)}
+		switch ar.diag.Class {
+		case logparse.None, logparse.Unknown, logparse.HostOOM:
+			ar.diag.Class = logparse.HostOOM
+			ar.diag.Reason = "the kernel's OOM killer killed a process of the trainer (host RAM, counted in the cgroup's memory events); lower nnUNet_n_proc_DA or add RAM"
+		}
+		ar.diag.Evidence = append(ar.diag.Evidence, ev)
+		r.events.Emit("cgroup_oom_kill", n, map[string]any{"before": oomBefore, "after": oomAfter})
+	}
 	if stallReason != "" && (ar.diag.Class == logparse.None || ar.diag.Class == logparse.Unknown) {
 		ar.stalled = true
 		ar.diag = logparse.Diagnosis{Class: logparse.Stall, Reason: stallReason, Evidence: ar.diag.Evidence}

@@ -113,7 +113,7 @@ func Resolve(args []string, getenv func(string) string) (*Job, error) {
 
 // Run supervises the job until it is trained or nnguard gives up.
 func Run(ctx context.Context, cfg Config, job *Job) (res Result) {
-	r := &runner{cfg: cfg, job: job, log: cfg.Log, lastDone: -1}
+	r := &runner{cfg: cfg, job: job, log: cfg.Log, lastDone: -1, oomKills: newOOMKillCounter()}
 	if r.log == nil {
 		r.log = zap.NewNop()
 	}
@@ -136,6 +136,8 @@ type runner struct {
 	// lastDone is the highest epoch any attempt of this run completed, -1
 	// if none (for the epochs a restart loses).
 	lastDone int
+	// oomKills reads the cgroup's OOM-kill counter.
+	oomKills oomKillCounter
 }
 
 func (r *runner) say(format string, a ...any) {
