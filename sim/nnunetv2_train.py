@@ -33,6 +33,7 @@ Knobs (environment variables)
 | NNGUARD_SIM_WORKER_MIB | 300 | RAM per DA worker (MiB) |
 | NNGUARD_SIM_MAIN_MIB | 800 | RAM of the main process (MiB) |
 | NNGUARD_SIM_HOST_OOM_FROM_EPOCH | 0 | if MAIN + workers*WORKER > HOST: at epoch >= N the main SIGKILLs a real worker child and dies with the batchgenerators dead-worker texts (no workers: the main SIGKILLs itself) |
+| NNGUARD_SIM_REAL_WORKER_MIB | 0 | each DA worker really allocates and touches this much host memory (MiB) at start, so a memory cgroup limit gets workers killed by the kernel's OOM killer; the main process notices a dead worker within ~0.05 s like batchgenerators does |
 | NNGUARD_SIM_HANG_AFTER_FATAL | 0 | 1: after printing a fatal traceback block forever (no CPU), workers stay alive |
 | NNGUARD_SIM_STALL_AT_EPOCH | (unset) | at the start of epoch >= N print the epoch header, then go silent forever (no CPU) |
 | NNGUARD_SIM_STALL_IN_VALIDATION | (unset) | stall silently after the `<case>, shape ...` line of validation case K (0-based) |
@@ -130,6 +131,7 @@ class Knobs:
         self.worker_mib = _env_int('NNGUARD_SIM_WORKER_MIB', 300)
         self.main_mib = _env_int('NNGUARD_SIM_MAIN_MIB', 800)
         self.host_oom_from_epoch = _env_int('NNGUARD_SIM_HOST_OOM_FROM_EPOCH', 0)
+        self.real_worker_mib = _env_int('NNGUARD_SIM_REAL_WORKER_MIB', 0)
         self.hang_after_fatal = _env_int('NNGUARD_SIM_HANG_AFTER_FATAL', 0) == 1
         self.stall_at_epoch = _env_int('NNGUARD_SIM_STALL_AT_EPOCH')
         self.stall_in_validation = _env_int('NNGUARD_SIM_STALL_IN_VALIDATION')
@@ -549,6 +551,11 @@ PNG_1x1 = (b'\x89PNG\r\n\x1a\n' + struct.pack('>I', 13) + b'IHDR' + struct.pack(
 def _worker_main(worker_id, kind, raise_event, what_value, abort_event, preprocessed_file):
     # forked DA worker: block (no CPU) until told to raise; survive the death of the parent.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if K.real_worker_mib > 0:
+        # real host memory, touched page by page (what augmentation buffers cost)
+        ballast = bytearray(K.real_worker_mib << 20)
+        for i in range(0, len(ballast), 4096):
+            ballast[i] = 1
     while True:
         raise_event.wait()
         if what_value.value == 2:
@@ -1090,6 +1097,18 @@ class Trainer:
         WORKERS.procs[0].join(timeout=2)
         fatal(tb_main_dead_workers(at_startup=at_startup), noise_threads=(2,))
 
+    def train_for(self, seconds):
+        """One epoch's work: batchgenerators' results thread notices a DA worker
+        that died (e.g. killed by the kernel's OOM killer) while batches are pulled."""
+        deadline = time.time() + seconds
+        while True:
+            if WORKERS is not None and WORKERS.procs and not all(WORKERS.alive()):
+                self.dead_workers_after_kill()
+            left = deadline - time.time()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.05))
+
     def dead_workers_after_kill(self):
         """The results thread notices the dead child, then the main thread raises."""
         deadline = time.time() + 5
@@ -1261,7 +1280,7 @@ class Trainer:
             self.logging['epoch_start_timestamps'].append(start)
             self.first_iteration_faults(epoch)
             if K.epoch_seconds > 0:
-                time.sleep(K.epoch_seconds)
+                self.train_for(K.epoch_seconds)
             tl, vl, dice = self.epoch_metrics(epoch)
             if nan_from is not None and epoch >= nan_from:
                 once_record('nan_loss')
