@@ -511,6 +511,30 @@ class TestFailures(SimCase):
         self.assertEqual(rc, 1)
         self.assertEqual(self.last_line(err), 'RuntimeError: ' + simmod.DEAD_WORKERS_MSG)
 
+    def test_worker_killed_from_outside_is_noticed(self):
+        # what the kernel's OOM killer does: a worker dies without a word
+        env = {'nnUNet_n_proc_DA': '2', 'NNGUARD_SIM_EPOCHS': '1000', 'NNGUARD_SIM_EPOCH_SECONDS': '0.2'}
+        p = self.start_sim('4', '3d_fullres', '0', env=env)
+        self.wait_for_text(p, 'Epoch 1\n')
+        kids = children_of(p.pid)
+        self.assertEqual(len(kids), 3)
+        os.kill(kids[0], signal.SIGKILL)
+        self.assertEqual(p.wait(timeout=15), 1)
+        with open(p.outfile) as f:
+            text = f.read()
+        self.assertIn('Exception in thread Thread-1 (results_loop):', text)
+        self.assertEqual(self.last_line(text), 'RuntimeError: ' + simmod.DEAD_WORKERS_MSG)
+        self.assertNotIn('Exception in background worker', text)
+
+    def test_real_worker_memory(self):
+        env = {'nnUNet_n_proc_DA': '1', 'NNGUARD_SIM_REAL_WORKER_MIB': '64', 'NNGUARD_SIM_STALL_AT_EPOCH': '1'}
+        p = self.start_sim('4', '3d_fullres', '0', env=env)
+        self.wait_for_text(p, 'Epoch 1\n')
+        for k in children_of(p.pid):
+            with open('/proc/%d/status' % k) as f:
+                rss_kb = int([l for l in f if l.startswith('VmRSS:')][0].split()[1])
+            self.assertGreater(rss_kb, 60 * 1024)
+
     def test_worker_exception(self):
         rc, out, err = self.run_sim('4', '3d_fullres', '0', env={'NNGUARD_SIM_WORKER_EXCEPTION_AT_EPOCH': '0'})
         self.assertEqual(rc, 1)
