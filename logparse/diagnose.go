@@ -116,7 +116,7 @@ func (p *Parser) decide(exit Exit) verdict {
 	case p.generic.first > 0:
 		return verdict{class: Unknown, ev: sortEvidence(slices.Clone(p.generic.evidence())), inVal: inVal, file: p.dataFile,
 			reason: "the trainer crashed with an exception that matches no known failure: " + snippet(p.generic.ev[0].Text)}
-	case p.tbOpen:
+	case p.tbOpen && !(p.sigs[sigDead].first > 0 && p.truncatedUnknown()):
 		return p.truncated()
 	case p.sigs[sigDead].first > 0:
 		return verdict{class: HostOOM, ev: sortEvidence(slices.Clone(p.sigs[sigDead].evidence())), inVal: inVal,
@@ -143,11 +143,24 @@ func (p *Parser) decide(exit Exit) verdict {
 	return verdict{class: None, reason: "no failure in the log"}
 }
 
+// truncatedUnknown reports whether truncated would find no cause in the
+// cut-off traceback itself (then earlier dead-worker messages explain it:
+// the traceback that follows them is their fallout).
+func (p *Parser) truncatedUnknown() bool {
+	c := p.tbCtx | p.ctxSeen&(ctxTrainStep|ctxForward)
+	return c&ctxAugmenter == 0 && !(c&ctxTrainStep != 0 && c&ctxForward != 0 && !p.inValidation) &&
+		!(p.inValidation && p.sigs[sigValFallback].first == 0)
+}
+
 // truncated handles a log that ends inside a traceback, before its
 // exception line (a cut-off paste, or output lost when the process died).
 func (p *Parser) truncated() verdict {
 	c := p.tbCtx | p.ctxSeen&(ctxTrainStep|ctxForward)
 	switch {
+	case c&ctxAugmenter != 0:
+		ev := []Evidence{p.ctxEv[bit(ctxAugmenter)]}
+		return verdict{class: HostOOM, ev: sortEvidence(ev), inVal: p.inValidation,
+			reason: "the log ends inside a traceback where the main process waits for a batch from the data-augmentation workers (batchgenerators __get_next_item), before the exception line; what is raised there is the dead-worker error, and with no worker exception printed the usual cause is a worker killed for lack of host RAM (inferred; lower nnUNet_n_proc_DA)"}
 	case c&ctxTrainStep != 0 && c&ctxForward != 0 && !p.inValidation:
 		ev := []Evidence{p.ctxEv[bit(ctxTrainStep)], p.ctxEv[bit(ctxForward)]}
 		return verdict{class: GPUOOM, ev: sortEvidence(ev),

@@ -697,6 +697,18 @@ func (p *Parser) verify(sg sig, line string, isExc bool, exc string) (sig, bool)
 		return sigNone, false
 	case sigWorkersMany:
 		return sigDead, true
+	case sigCCError:
+		// gcc/clang building Triton's or inductor's C sources:
+		// "/tmp/tmpab12/main.c:354:3: error: ...",
+		// "/usr/include/python3.10/pyconfig.h:3:12: fatal error: ...".
+		if strings.Contains(line, "error:") {
+			for _, ext := range []string{".c:", ".h:", ".cpp:", ".cc:", ".hpp:"} {
+				if strings.Contains(line, ext) {
+					return sigCompile, true
+				}
+			}
+		}
+		return sigNone, false
 	case sigExcInThread:
 		return sigNone, false
 	case sigCUDA:

@@ -170,6 +170,27 @@ func TestSynthetic(t *testing.T) {
 		{"ci prefixed", "[2024-04-20T22:34:42.874Z] torch.cuda.OutOfMemoryError: CUDA out of memory.\n", Exit{}, GPUOOM, nil},
 		{"markdown", "**RuntimeError: CUDA error: device-side assert triggered**\n", Exit{}, CUDAError, nil},
 		{"faulthandler dump", "Current thread 0x00007f2fad16e2c0 (most recent call first):\n  File \"/x/pool.py\", line 675 in _help_stuff_finish\n", Exit{}, None, nil},
+		// torch.compile refused or without a toolchain; gcc building Triton's main.c (then workers die).
+		{"dynamo python version", mainTB + "RuntimeError: Dynamo is not supported on Python 3.12+\n", Exit{}, CompileError, nil},
+		{"no c compiler", mainTB + "RuntimeError: Failed to find C compiler. Please specify via CC environment variable.\n", Exit{}, CompileError, nil},
+		{"gcc main.c errors", epochs + "/tmp/tmpq1w2e3/main.c: In function 'list_to_array':\n/tmp/tmpq1w2e3/main.c:354:3: error: 'for' loop initial declarations are only allowed in C99 mode\n" + deadWorkers, Exit{}, CompileError, nil},
+		{"gcc missing header", epochs + "In file included from /usr/include/python3.10/Python.h:8,\n/usr/include/python3.10/pyconfig.h:3:12: fatal error: x86_64-linux-gnu/python3.10/pyconfig.h: No such file or directory\ncompilation terminated.\n", Exit{}, CompileError, nil},
+		{"truncated in dynamo tracing", mainTB + "  File \"/x/torch/_dynamo/convert_frame.py\", line 500, in transform\n    tracer.run()\n", Exit{}, CompileError, nil},
+		// Windows host memory.
+		{"windows paging file", epochs + "OSError: [WinError 1455] The paging file is too small for this operation to complete\n" + deadWorkers, Exit{}, HostOOM, nil},
+		{"windows not enough storage", "OSError: [WinError 8] Not enough storage is available to process this command\n", Exit{}, HostOOM, nil},
+		// DDP: a rank SIGKILLed; the NCCL watchdog taking a rank down.
+		{"ddp rank killed", epochs + "torch.multiprocessing.spawn.ProcessExitedException: process 1 terminated with signal SIGKILL\n", Exit{}, HostOOM, nil},
+		{"nccl watchdog", "[rank1]:[E ProcessGroupNCCL.cpp:563] [Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=5, OpType=ALLGATHER) ran for 600081 milliseconds before timing out.\n", Exit{}, CUDAError, nil},
+		// v1: the dead-worker thread's error, then the main traceback cut off.
+		{"dead workers then truncated", epochs + "Exception in thread Thread-4:\nRuntimeError: Abort event was set. So someone died and we should end this madness. \nTraceback (most recent call last):\n  File \"run_training.py\", line 203, in <module>\n    main()\n", Exit{}, HostOOM, nil},
+		{"truncated in get_next_item", epochs + "Traceback (most recent call last):\n  File \"/x/network_trainer.py\", line 456, in run_training\n    l = self.run_iteration(self.tr_gen, True)\n  File \"/x/batchgenerators/dataloading/multi_threaded_augmenter.py\", line 206, in __next__\n    item = self.__get_next_item()\n", Exit{}, HostOOM,
+			func(t *testing.T, d Diagnosis) {
+				if !strings.Contains(d.Reason, "inferred") {
+					t.Errorf("reason %q", d.Reason)
+				}
+			}},
+		{"preprocessing worker gone", "RuntimeError: Some background worker is 6 feet under. Yuck.\n", Exit{}, HostOOM, nil},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -45,6 +45,7 @@ const (
 	sigDevShm      // "/dev/shm": shm when the line says no space
 	sigExcInThread // "Exception in thread": header only
 	sigWorkersMany // "Maybe one of your workers crashed"
+	sigCCError     // "main.c:12:3: error:", "fatal error:": compile error when gcc-style
 	numSig
 )
 
@@ -61,7 +62,8 @@ const (
 	ctxForward                    // the network's forward/backward
 	ctxValidation                 // perform_actual_validation / predictor
 	ctxRemote                     // multiprocessing.pool.RemoteTraceback
-	numCtx        = 9
+	ctxAugmenter                  // batchgenerators waiting for a batch (__get_next_item)
+	numCtx        = 10
 )
 
 // pattern is one fixed string the classifier looks for, case-insensitively.
@@ -108,6 +110,9 @@ var patterns = []pattern{
 	{s: "Memory cgroup out of memory", sig: sigHostKill, prio: 95},
 	{s: "exceeded memory limit", sig: sigHostKill, prio: 80},
 	{s: "killed by signal: Killed", sig: sigHostKill, prio: 80},
+	{s: "terminated with signal SIGKILL", sig: sigHostKill, prio: 80},            // torch.multiprocessing.spawn (DDP)
+	{s: "paging file is too small", sig: sigHostMem, prio: 60},                   // Windows [WinError 1455]
+	{s: "Not enough storage is available to process", sig: sigHostMem, prio: 60}, // Windows [WinError 8]
 	{s: " Killed ", sig: sigKilledWord, prio: 20},
 
 	// Shared memory (torch passes tensors between processes through /dev/shm).
@@ -144,6 +149,7 @@ var patterns = []pattern{
 	{s: "CUDA error:", sig: sigCUDA, prio: 30},
 	{s: "CUDA_ERROR_", sig: sigCUDA, prio: 30},
 	{s: "NCCL error", sig: sigCUDA, prio: 30},
+	{s: "collective operation timeout", sig: sigCUDA, prio: 30}, // NCCL watchdog (DDP)
 
 	// GPU setup problems are configuration, not runtime faults.
 	{s: "no kernel image is available", sig: sigConfig, prio: 88},
@@ -171,6 +177,11 @@ var patterns = []pattern{
 	{s: "libcuda.so cannot found", sig: sigCompile, prio: 75},
 	{s: "cannot find -lcuda", sig: sigCompile, prio: 75},
 	{s: "Failed to run autotuning", sig: sigCompile, prio: 74},
+	{s: "Failed to find C compiler", sig: sigCompile, prio: 75},
+	{s: "Dynamo is not supported", sig: sigCompile, prio: 75},
+	{s: "compilation terminated", sig: sigCompile, prio: 70},
+	{s: "main.c:", sig: sigCCError, prio: 66},
+	{s: "fatal error:", sig: sigCCError, prio: 66},
 	{s: "CalledProcessError", sig: sigCalledProc, prio: 60},
 
 	// Corrupt checkpoint / pickle / unpacked data read by the main process.
@@ -213,6 +224,7 @@ var patterns = []pattern{
 	{s: "Abort event was set", sig: sigDead, prio: 50},
 	{s: "abort_event was set", sig: sigDead, prio: 50},
 	{s: "Maybe one of your workers crashed", sig: sigWorkersMany, prio: 49},
+	{s: "background worker is 6 feet under", sig: sigDead, prio: 50},
 	{s: "(results_loop)", sig: sigDead, prio: 45},
 	{s: "exited unexpectedly", sig: sigDead, prio: 45},
 	{s: "Exception in thread", sig: sigExcInThread, prio: 10},
@@ -243,6 +255,8 @@ var patterns = []pattern{
 	{s: "create_aot_dispatcher_function", ctx: ctxCompile},
 	{s: "compile_to_module", ctx: ctxCompile},
 	{s: "fw_compiler_base", ctx: ctxCompile},
+	{s: "convert_frame", ctx: ctxCompile},
+	{s: "compile_subgraph", ctx: ctxCompile},
 	{s: "train_step", ctx: ctxTrainStep},
 	{s: "run_iteration", ctx: ctxTrainStep},
 	{s: "self.network(", ctx: ctxForward},
@@ -253,6 +267,7 @@ var patterns = []pattern{
 	{s: "perform_actual_validation", ctx: ctxValidation},
 	{s: "predict_sliding_window", ctx: ctxValidation},
 	{s: "export_prediction", ctx: ctxValidation},
+	{s: "__get_next_item", ctx: ctxAugmenter},
 }
 
 // The matcher samples one 4-byte window every matchStride bytes of a line,
