@@ -190,6 +190,8 @@ func TestSynthetic(t *testing.T) {
 					t.Errorf("reason %q", d.Reason)
 				}
 			}},
+		{"cudnn other status", mainTB + "RuntimeError: cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input.\n", Exit{}, CUDAError, nil},
+		{"cudnn alloc is oom", "RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED\n", Exit{}, GPUOOM, nil},
 		{"preprocessing worker gone", "RuntimeError: Some background worker is 6 feet under. Yuck.\n", Exit{}, HostOOM, nil},
 	}
 	for _, tc := range tests {

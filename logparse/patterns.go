@@ -137,6 +137,8 @@ var patterns = []pattern{
 	{s: "CUDNN_STATUS_INTERNAL_ERROR", sig: sigCUDA, prio: 80},
 	{s: "CUBLAS_STATUS_INTERNAL_ERROR", sig: sigCUDA, prio: 80},
 	{s: "CUDNN_STATUS_MAPPING_ERROR", sig: sigCUDA, prio: 80},
+	{s: "CUDNN_STATUS_", sig: sigCUDA, prio: 35}, // any other cuDNN status (BAD_PARAM, NOT_SUPPORTED, ...)
+	{s: "CUBLAS_STATUS_", sig: sigCUDA, prio: 35},
 	{s: "misaligned address", sig: sigCUDA, prio: 80},
 	{s: "illegal instruction", sig: sigCUDA, prio: 78},
 	{s: "unspecified launch failure", sig: sigCUDA, prio: 80},
