@@ -47,7 +47,8 @@ type attemptResult struct {
 	pids        []int
 	interrupted bool
 	stalled     bool
-	gpuRecent   any // the last GPU samples, for the failure report
+	fatal       bool // the trainer printed a fatal error
+	gpuRecent   any  // the last GPU samples, for the failure report
 }
 
 // gpuSampleLogEvery is how often a GPU sample goes to the event log.
@@ -60,12 +61,19 @@ type lineSink struct {
 	split  *logparse.Splitter
 	parser *logparse.Parser
 	events chan logparse.Event
+	// fatal keeps the first Fatal event even when the channel was full, so
+	// the grace timer always starts.
+	fatal *logparse.Event
 }
 
 func newLineSink() *lineSink {
 	s := &lineSink{parser: logparse.NewParser(), events: make(chan logparse.Event, 1024)}
 	s.split = logparse.NewSplitter(64<<10, func(line []byte) {
 		for _, ev := range s.parser.Feed(string(line)) {
+			if ev.Kind == logparse.Fatal && s.fatal == nil {
+				f := ev
+				s.fatal = &f
+			}
 			select {
 			case s.events <- ev:
 			default: // the loop only needs recent progress; never block the reader
@@ -79,6 +87,32 @@ func (s *lineSink) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.split.Write(p)
+}
+
+// fatalSeen returns the first Fatal event, if any.
+func (s *lineSink) fatalSeen() *logparse.Event {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.fatal
+}
+
+// bestEffort writes to w and ignores its errors after saying so once: a
+// full disk or a closed pipe on nnguard's own stdout must not stop the
+// console log or the parser.
+type bestEffort struct {
+	w      io.Writer
+	failed bool
+	log    func(error)
+}
+
+func (b *bestEffort) Write(p []byte) (int, error) {
+	if !b.failed {
+		if _, err := b.w.Write(p); err != nil {
+			b.failed = true
+			b.log(err)
+		}
+	}
+	return len(p), nil
 }
 
 func (s *lineSink) finish(exit logparse.Exit) logparse.Diagnosis {
@@ -101,9 +135,16 @@ func (r *runner) attempt(ctx context.Context, n int, resume bool) (attemptResult
 		if err != nil {
 			return ar, fmt.Errorf("supervisor: prepare resume: %w", err)
 		}
+		if len(rp.Backups) > 0 {
+			r.events.Emit("checkpoint_backup", n, map[string]any{"files": rp.Backups, "why": "copies kept before nnguard changed checkpoint files"})
+		}
 		for _, m := range rp.Moves {
-			r.events.Emit("checkpoint_moved", n, map[string]any{"from": m.From, "to": m.To, "why": m.Why})
-			r.say("moved %s aside to %s (%s)", filepath.Base(m.From), filepath.Base(m.To), m.Why)
+			r.events.Emit("checkpoint_moved", n, map[string]any{"from": m.From, "to": m.To, "why": m.Why, "copy": m.Copy})
+			verb := "moved %s aside to %s (%s)"
+			if m.Copy {
+				verb = "copied %s to %s (%s)"
+			}
+			r.say(verb, filepath.Base(m.From), filepath.Base(m.To), m.Why)
 		}
 	}
 	if set.BatchSize != r.state.OriginalBatchSize && r.state.DerivedPlans == "" || r.state.DerivedPlans != "" && !fileExists(filepath.Join(job.Env.Preprocessed, job.Dataset, r.state.DerivedPlans+".json")) {
@@ -170,7 +211,11 @@ func (r *runner) attempt(ctx context.Context, n int, resume bool) (attemptResult
 	sink := newLineSink()
 	oomBefore, oomOK := r.oomKills.Count()
 	ar.start = r.cfg.Now()
-	p, err := Start(Spec{Argv: argv, Env: overrideEnv(r.cfg.Environ, over), Output: io.MultiWriter(r.cfg.Stdout, console, sink)})
+	stdout := &bestEffort{w: r.cfg.Stdout, log: func(err error) {
+		r.log.Warn("cannot write the trainer's output to stdout; console.log still has it", zap.Error(err))
+	}}
+	// the parser and console.log first: they must see every byte
+	p, err := Start(Spec{Argv: argv, Env: overrideEnv(r.cfg.Environ, over), Output: io.MultiWriter(sink, console, stdout)})
 	if err != nil {
 		return ar, err
 	}
@@ -197,6 +242,16 @@ func (r *runner) attempt(ctx context.Context, n int, resume bool) (attemptResult
 		go func() { defer cancel(); p.Stop(sctx, r.cfg.KillAfter) }()
 	}
 	var stallReason string
+	ctxDone := ctx.Done()
+	force := r.cfg.Force
+	startGrace := func(ev logparse.Event) {
+		if graceC == nil && !stopping {
+			ar.fatal = true
+			r.events.Emit("fatal_seen", n, map[string]any{"class": ev.Class, "line": ev.Line, "grace_s": r.cfg.Grace.Seconds()})
+			r.say("the trainer printed a fatal error (%s); it has %s to exit by itself", ev.Class, r.cfg.Grace)
+			graceC = time.After(r.cfg.Grace)
+		}
+	}
 	effective := 0
 	type epochAt struct {
 		t time.Time
@@ -226,10 +281,7 @@ loop:
 				}
 				r.events.Emit("batch_size", n, map[string]any{"effective": ev.BatchSize, "expected": set.BatchSize})
 			case logparse.Fatal:
-				if graceC == nil && !stopping {
-					r.events.Emit("fatal_seen", n, map[string]any{"class": ev.Class, "line": ev.Line, "grace_s": r.cfg.Grace.Seconds()})
-					graceC = time.After(r.cfg.Grace)
-				}
+				startGrace(ev)
 			}
 		case <-graceC:
 			graceC = nil
@@ -237,6 +289,9 @@ loop:
 			r.events.Emit("grace_expired", n, nil)
 			stop()
 		case <-ticker.C:
+			if f := sink.fatalSeen(); f != nil && !ar.fatal {
+				startGrace(*f) // its event was dropped from a full channel
+			}
 			if r.cfg.GPU != nil && r.cfg.Now().Sub(lastSampleLog) >= gpuSampleLogEvery {
 				lastSampleLog = r.cfg.Now()
 				if s, ok := r.cfg.GPU.Latest(); ok {
@@ -253,12 +308,17 @@ loop:
 				r.events.Emit("stall", n, map[string]any{"reason": why, "epoch": ar.maxEpoch})
 				stop()
 			}
-		case <-ctx.Done():
+		case <-ctxDone:
+			// keep draining the output until the group is gone
+			ctxDone = nil
 			ar.interrupted = true
 			r.events.Emit("stopping", n, map[string]any{"why": "nnguard received a signal"})
+			r.say("stopping the trainer (SIGTERM to its process group, SIGKILL after %s; a second signal kills at once)", r.cfg.KillAfter)
 			stop()
-			<-p.Done()
-			break loop
+		case <-force:
+			force = nil
+			r.events.Emit("stopping", n, map[string]any{"why": "second signal: SIGKILL"})
+			p.Kill()
 		case <-p.Done():
 			break loop
 		}
@@ -279,6 +339,10 @@ loop:
 		break
 	}
 	ex, werr := p.Exit()
+	stuck, escaped := p.Leftovers()
+	if ctx.Err() != nil {
+		ar.interrupted = true // the signal may have reached the trainer first (Slurm signals the whole job)
+	}
 	r.lastDone = max(r.lastDone, ar.doneEpoch)
 	ar.exit = ex
 	ar.diag = sink.finish(logparse.Exit{Known: true, Code: ex.Code, Signal: ex.Signal})
@@ -329,6 +393,14 @@ loop:
 	}
 	if werr != nil {
 		end["error"] = werr.Error()
+	}
+	if len(stuck) > 0 {
+		end["stuck_pids"] = stuck
+		r.say("warning: processes %v of the trainer survived SIGKILL (stuck in the kernel, e.g. the GPU driver)", stuck)
+	}
+	if len(escaped) > 0 {
+		end["escaped_pids"] = escaped
+		r.say("processes %v had left the trainer's process group but held its terminal: they were stopped", escaped)
 	}
 	r.events.Emit("attempt_end", n, end)
 	return ar, nil

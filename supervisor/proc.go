@@ -11,6 +11,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/creack/pty"
 )
@@ -45,10 +46,12 @@ type Proc struct {
 	pgid  int
 	start time.Time
 
-	exited chan struct{} // closed when the leader has been waited for
-	done   chan struct{} // closed when output is drained and the group is gone
-	exit   Exit
-	err    error
+	exited  chan struct{} // closed when the leader has been waited for
+	done    chan struct{} // closed when output is drained and the group is gone
+	exit    Exit
+	err     error
+	stuck   []int // group members alive even after SIGKILL
+	escaped []int // processes outside the group that held the terminal
 }
 
 // WindowSize is the fixed terminal size the trainer sees.
@@ -74,6 +77,7 @@ func Start(spec Spec) (*Proc, error) {
 	if out == nil {
 		out = io.Discard
 	}
+	ptsNum, _ := ptyNumber(ptmx)
 	drained := make(chan struct{})
 	go func() { // the one reader of the pty
 		defer close(drained)
@@ -98,13 +102,50 @@ func Start(spec Spec) (*Proc, error) {
 		close(p.exited)
 		// Workers outlive their leader (nnU-Net's daemon workers survive a
 		// killed main process): end the group, then let the output drain.
-		killGroup(p.pgid, 5*time.Second)
-		<-drained
+		p.stuck = killGroup(p.pgid, 5*time.Second, groupKillBound)
+		select {
+		case <-drained:
+		case <-time.After(drainWait):
+			// A descendant that left the process group (setsid) still holds
+			// the trainer's terminal: it belongs to this attempt, end it.
+			if ptsNum >= 0 {
+				p.escaped = terminalHolders(ptsNum)
+				for _, pid := range p.escaped {
+					syscall.Kill(pid, syscall.SIGTERM)
+				}
+				select {
+				case <-drained:
+				case <-time.After(drainWait):
+					for _, pid := range p.escaped {
+						syscall.Kill(pid, syscall.SIGKILL)
+					}
+				}
+			}
+			select {
+			case <-drained:
+			case <-time.After(drainWait):
+				ptmx.SetReadDeadline(time.Now()) // stop waiting for the terminal
+				<-drained
+			}
+		}
 		ptmx.Close()
 		close(p.done)
 	}()
 	return p, nil
 }
+
+// drainWait is how long the output may take to drain once the group is
+// gone; groupKillBound bounds the wait for processes that ignore SIGKILL
+// (uninterruptible sleep in a driver).
+const (
+	drainWait      = 2 * time.Second
+	groupKillBound = 20 * time.Second
+)
+
+// Leftovers reports processes that outlived the attempt: group members
+// that did not die even after SIGKILL (stuck in the kernel) and processes
+// outside the group that held the trainer's terminal (and were killed).
+func (p *Proc) Leftovers() (stuck, escaped []int) { <-p.done; return p.stuck, p.escaped }
 
 // Pid is the trainer's pid, which is also its process group id.
 func (p *Proc) Pid() int { return p.pgid }
@@ -180,26 +221,32 @@ func signalGroup(pgid int, sig syscall.Signal) {
 
 // killGroup ends whatever is left of a group whose leader has exited:
 // SIGTERM, then SIGKILL after grace, then waits until no live process of
-// the group remains. Zombies that nnguard adopted as subreaper are reaped.
-func killGroup(pgid int, grace time.Duration) {
+// the group remains, at most bound after the SIGKILL; it returns the pids
+// still alive then. Zombies that nnguard adopted as subreaper are reaped.
+func killGroup(pgid int, grace, bound time.Duration) []int {
 	if len(GroupMembers(pgid)) == 0 {
-		return
+		return nil
 	}
 	signalGroup(pgid, syscall.SIGTERM)
 	deadline := time.Now().Add(grace)
-	killed := false
+	var killedAt time.Time
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	for range tick.C {
 		reapGroup(pgid)
-		if len(GroupMembers(pgid)) == 0 {
-			return
+		left := GroupMembers(pgid)
+		if len(left) == 0 {
+			return nil
 		}
-		if !killed && time.Now().After(deadline) {
+		switch {
+		case killedAt.IsZero() && time.Now().After(deadline):
 			signalGroup(pgid, syscall.SIGKILL)
-			killed = true
+			killedAt = time.Now()
+		case !killedAt.IsZero() && time.Since(killedAt) > bound:
+			return left
 		}
 	}
+	return nil
 }
 
 // GroupMembers lists the live (non-zombie) processes whose process group is
@@ -297,4 +344,51 @@ func BecomeSubreaper() error {
 		return fmt.Errorf("supervisor: prctl(PR_SET_CHILD_SUBREAPER): %w", e)
 	}
 	return nil
+}
+
+// ptyNumber returns N of the pty's slave /dev/pts/N (ioctl TIOCGPTN). It
+// goes through SyscallConn: File.Fd would switch the pty to blocking mode
+// and break read deadlines.
+func ptyNumber(ptmx *os.File) (int, error) {
+	const tiocgptn = 0x80045430
+	rc, err := ptmx.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	var n uint32
+	var errno syscall.Errno
+	if err := rc.Control(func(fd uintptr) {
+		_, _, errno = syscall.Syscall(syscall.SYS_IOCTL, fd, tiocgptn, uintptr(unsafe.Pointer(&n)))
+	}); err != nil {
+		return -1, err
+	}
+	if errno != 0 {
+		return -1, errno
+	}
+	return int(n), nil
+}
+
+// terminalHolders lists the processes with a file descriptor open on
+// /dev/pts/n, nnguard itself excepted.
+func terminalHolders(n int) []int {
+	target := "/dev/pts/" + strconv.Itoa(n)
+	me := os.Getpid()
+	var out []int
+	forEachProc(func(pid, ppid, pgid int, state byte) {
+		if pid == me || state == 'Z' {
+			return
+		}
+		dir := "/proc/" + strconv.Itoa(pid) + "/fd"
+		fds, err := os.ReadDir(dir)
+		if err != nil {
+			return
+		}
+		for _, fd := range fds {
+			if l, err := os.Readlink(dir + "/" + fd.Name()); err == nil && l == target {
+				out = append(out, pid)
+				return
+			}
+		}
+	})
+	return out
 }

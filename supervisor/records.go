@@ -22,6 +22,7 @@ type Events struct {
 	mu  sync.Mutex
 	f   *os.File
 	now func() time.Time
+	err error // the first write error, sticky
 }
 
 // OpenEvents opens (creating) the event log.
@@ -50,9 +51,27 @@ func (e *Events) Emit(event string, attempt int, fields map[string]any) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if _, err := e.f.Write(b); err != nil {
-		return fmt.Errorf("supervisor: event log: %w", err)
+		return e.keep(fmt.Errorf("supervisor: cannot write the event log: %w", err))
 	}
-	return e.f.Sync()
+	if err := e.f.Sync(); err != nil {
+		return e.keep(fmt.Errorf("supervisor: cannot sync the event log: %w", err))
+	}
+	return nil
+}
+
+func (e *Events) keep(err error) error {
+	if e.err == nil {
+		e.err = err
+	}
+	return err
+}
+
+// Err returns the first error any Emit met (nnguard stops: it must not run
+// on without its records).
+func (e *Events) Err() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.err
 }
 
 // Close closes the log.
@@ -73,9 +92,11 @@ type State struct {
 	OriginalBatchSize int             `json:"original_batch_size"`
 	Settings          policy.Settings `json:"settings"`
 	// EffectiveBatchSize is what the trainer printed in its configuration.
-	EffectiveBatchSize int             `json:"effective_batch_size,omitempty"`
-	Attempts           int             `json:"attempts"`
-	History            []policy.Record `json:"history"`
+	EffectiveBatchSize int `json:"effective_batch_size,omitempty"`
+	Attempts           int `json:"attempts"`
+	// LastDoneEpoch is the highest epoch any attempt completed, -1 if none.
+	LastDoneEpoch int             `json:"last_done_epoch"`
+	History       []policy.Record `json:"history"`
 	// Previous holds the history of earlier runs that gave up.
 	Previous     []policy.Record  `json:"previous_history,omitempty"`
 	LastDecision *policy.Decision `json:"last_decision,omitempty"`

@@ -59,7 +59,10 @@ type Config struct {
 	WaitForGPU   time.Duration // how long to wait for other processes to release the GPU
 	GPUAuto      bool
 
-	GPU    GPU // may be nil: GPU monitoring off
+	GPU GPU // may be nil: GPU monitoring off
+	// Force, when closed, kills the trainer's group at once (a second
+	// SIGINT/SIGTERM to nnguard).
+	Force  <-chan struct{}
 	Stdout io.Writer
 	Log    *zap.Logger
 	Now    func() time.Time
@@ -78,6 +81,16 @@ type Result struct {
 
 // ErrConfig marks errors that are the user's input (exit 2).
 var ErrConfig = nnunet.ErrConfig
+
+// configErrorf is a one-line configuration error wrapping ErrConfig.
+func configErrorf(format string, a ...any) error {
+	return &cfgError{msg: "supervisor: " + fmt.Sprintf(format, a...)}
+}
+
+type cfgError struct{ msg string }
+
+func (e *cfgError) Error() string { return e.msg }
+func (e *cfgError) Unwrap() error { return ErrConfig }
 
 // Job is a resolved training job: the dataset, plans and fold folder.
 type Job struct {
@@ -107,6 +120,14 @@ func Resolve(args []string, getenv func(string) string) (*Job, error) {
 	bs, err := tr.Plans.BatchSize(ta.Configuration)
 	if err != nil {
 		return nil, err
+	}
+	if ta.DisableCheckpointing {
+		return nil, configErrorf("--disable_checkpointing leaves nothing to resume from (and no checkpoint_final.pth to tell a finished fold): nnguard cannot supervise such a run; drop the option")
+	}
+	if ta.ValOnly {
+		if fs, _ := nnunet.FoldState(tr.FoldDir); !fs.Final.Valid {
+			return nil, configErrorf("--val needs a trained fold, but %s has no valid checkpoint_final.pth", tr.FoldDir)
+		}
 	}
 	return &Job{Args: ta, Env: env, Dataset: filepath.Base(tr.DatasetDir), Plans: tr.Plans, FoldDir: tr.FoldDir, Batch: bs}, nil
 }
@@ -197,7 +218,23 @@ func (r *runner) run(ctx context.Context) Result {
 			r.state.History = nil
 		}
 		r.state.Outcome = ""
-		r.say("continuing an earlier nnguard run of this fold: batch size %d, nnUNet_n_proc_DA %d, %d attempts so far", prev.Settings.BatchSize, prev.Settings.NProcDA, prev.Attempts)
+		if prev.PlansIdentifier != job.Plans.Identifier || prev.OriginalBatchSize != job.Batch {
+			// The user changed the plans (another -p, a replanned or edited
+			// file) since: the batch size nnguard chose is stale.
+			r.say("the plans changed since the earlier run (%s, batch size %d; now %s, batch size %d): starting again from the new batch size",
+				prev.PlansIdentifier, prev.OriginalBatchSize, job.Plans.Identifier, job.Batch)
+			r.state.PlansIdentifier, r.state.OriginalBatchSize = job.Plans.Identifier, job.Batch
+			r.state.Settings.BatchSize = job.Batch
+			r.state.Settings.ExpandableSegments = false
+			r.state.DerivedPlans = ""
+		}
+		r.say("continuing an earlier nnguard run of this fold: batch size %d, nnUNet_n_proc_DA %d, %d attempts so far", r.state.Settings.BatchSize, r.state.Settings.NProcDA, prev.Attempts)
+		if r.state.DerivedPlans != "" {
+			// rewrite it from the user's plans as they are now
+			if err := r.ensurePlans(r.state.Settings.BatchSize); err != nil {
+				return r.fail(err, prev.Attempts)
+			}
+		}
 	} else {
 		r.state = &State{
 			Version: StateVersion, Dataset: job.Dataset, Configuration: job.Args.Configuration, Fold: job.Args.Fold,
@@ -207,6 +244,14 @@ func (r *runner) run(ctx context.Context) Result {
 		if v := r.cfg.Getenv("nnUNet_def_n_proc"); v != "" {
 			fmt.Sscan(v, &r.state.Settings.DefNProc)
 		}
+	}
+	if continuing {
+		r.lastDone = r.state.LastDoneEpoch
+	} else {
+		r.state.LastDoneEpoch = -1
+	}
+	if job.Args.ValOnly {
+		r.state.Settings.ValidationOnly = true // the user asked for --val
 	}
 	if st.NeedsValidationOnly {
 		r.state.Settings.ValidationOnly = true
@@ -221,40 +266,63 @@ func (r *runner) run(ctx context.Context) Result {
 	waited := false
 	for {
 		if err := ctx.Err(); err != nil {
-			return r.interrupted(ctx, r.state.Attempts)
+			return r.interrupted(ctx, r.state.Attempts, false)
 		}
 		r.state.Attempts++
 		n := r.state.Attempts
 		ar, err := r.attempt(ctx, n, continuing || restarts > 0)
 		if err != nil {
-			if errors.Is(err, ErrConfig) {
-				r.say("%v", err)
-				r.events.Emit("run_end", n, map[string]any{"outcome": Failed, "exit_code": ExitUsage, "attempts": n, "reason": err.Error()})
-				return Result{Outcome: Failed, ExitCode: ExitUsage, Reason: err.Error(), Attempts: n, FoldDir: job.FoldDir}
-			}
 			return r.fail(err, n)
 		}
-		if ar.interrupted {
-			return r.interrupted(ctx, n)
+		r.state.LastDoneEpoch = max(r.state.LastDoneEpoch, r.lastDone)
+		if ar.interrupted && !ar.fatal {
+			// stopped by nnguard's signal (or the scheduler's, which reached
+			// the trainer first): not the trainer's failure
+			return r.interrupted(ctx, n, true)
 		}
 		fs, _ := nnunet.FoldState(job.FoldDir)
-		if ar.exit.Code == 0 && ar.exit.Signal == "" && fs.Complete {
+		if !ar.interrupted && ar.exit.Code == 0 && ar.exit.Signal == "" && fs.Complete {
 			r.state.Outcome = Completed
 			r.state.Settings.ValidationOnly = false
-			r.state.Save(r.statePath(), r.cfg.Now())
+			if err := r.state.Save(r.statePath(), r.cfg.Now()); err != nil {
+				return r.fail(err, n)
+			}
 			r.events.Emit("run_end", n, map[string]any{"outcome": Completed, "exit_code": ExitOK, "attempts": n})
+			if err := r.events.Err(); err != nil {
+				return r.fail(err, n)
+			}
 			r.say("fold trained: %s (%d attempt(s), batch size %d, nnUNet_n_proc_DA %d)", job.FoldDir, n, r.state.Settings.BatchSize, r.state.Settings.NProcDA)
 			return Result{Outcome: Completed, ExitCode: ExitOK, Attempts: n, FoldDir: job.FoldDir}
 		}
 		d := ar.diag
-		if d.Class == logparse.None && ar.exit.Code == 0 && ar.exit.Signal == "" {
-			d.Reason = "the trainer exited 0 but the fold is not complete (no checkpoint_final.pth or validation/summary.json)"
-		} else if d.Class == logparse.None {
+		if d.Class == logparse.None {
 			d.Class = logparse.Unknown
-			d.Reason = "the trainer ended (" + ar.exit.String() + ") without a recognisable error"
+			if ar.exit.Code == 0 && ar.exit.Signal == "" {
+				d.Reason = "the trainer exited 0 but the fold is not complete (no checkpoint_final.pth or validation/summary.json)"
+			} else {
+				d.Reason = "the trainer ended (" + ar.exit.String() + ") without a recognisable error"
+			}
 		}
 		if fs.NeedsValidationOnly && d.Class != logparse.ValidationExport {
 			r.state.Settings.ValidationOnly = true
+		}
+
+		// What the GPU looked like decides between the batch size's fault,
+		// other processes' (contention) and a broken GPU (Xid).
+		facts := policy.GPUFacts{FreeOther: -1}
+		if r.cfg.GPU != nil {
+			facts = r.cfg.GPU.Facts(ar.pids, ar.start)
+			switch {
+			case facts.FatalXid != 0:
+				d.Class = logparse.GPUFault
+				d.Reason = fmt.Sprintf("the GPU reported critical Xid %d during the attempt", facts.FatalXid)
+				d.Evidence = append(d.Evidence, logparse.Evidence{Text: fmt.Sprintf("NVML: Xid %d", facts.FatalXid)})
+			case d.Class == logparse.GPUOOM && facts.Known && facts.TotalBytes > 0 &&
+				float64(facts.ForeignBytes) >= policy.ContentionShare*float64(facts.TotalBytes) && !waited:
+				d.Class = logparse.GPUContention
+				d.Reason = fmt.Sprintf("CUDA out of memory while other processes held %d MiB of the GPU's %d MiB", facts.ForeignBytes>>20, facts.TotalBytes>>20)
+				d.Evidence = append(d.Evidence, logparse.Evidence{Text: fmt.Sprintf("NVML: other processes hold %d MiB of %d MiB", facts.ForeignBytes>>20, facts.TotalBytes>>20)})
+			}
 		}
 		ev := make([]string, 0, len(d.Evidence))
 		for _, e := range d.Evidence {
@@ -267,53 +335,67 @@ func (r *runner) run(ctx context.Context) Result {
 		r.events.Emit("failure", n, ff)
 		r.say("attempt %d failed: %s: %s", n, d.Class, d.Reason)
 
-		facts := policy.GPUFacts{FreeOther: -1}
-		if r.cfg.GPU != nil {
-			facts = r.cfg.GPU.Facts(ar.pids, ar.start)
-			if facts.FatalXid != 0 {
-				d.Class = logparse.GPUFault
-			}
-		}
 		dec := policy.Decide(policy.Input{
 			Diagnosis: d, Epoch: ar.maxEpoch, History: r.state.History, Settings: r.state.Settings,
 			Limits: r.cfg.Limits, Restarts: restarts, GPU: facts, WaitedForGPU: waited,
 		})
 		r.state.History = append(r.state.History, policy.Record{Class: d.Class, Settings: r.state.Settings, Epoch: ar.maxEpoch})
 		r.state.LastDecision = &dec
-		r.events.Emit("action", n, map[string]any{"kind": dec.Kind, "class": dec.Class, "from": jsonValue(dec.From), "to": jsonValue(dec.To), "reason": dec.Reason, "settings": dec.Next})
-		r.say("%s: %s", dec.Kind, dec.Reason)
 		if dec.Kind == policy.GiveUp {
 			code := ExitGaveUp
 			if dec.GPUFault {
 				code = ExitGPUFault
 			}
 			r.state.Outcome = GaveUp
-			r.state.Save(r.statePath(), r.cfg.Now())
+			if err := r.state.Save(r.statePath(), r.cfg.Now()); err != nil {
+				return r.fail(err, n)
+			}
+			r.emitAction(n, dec)
 			r.events.Emit("run_end", n, map[string]any{"outcome": GaveUp, "exit_code": code, "attempts": n, "reason": dec.Reason})
 			r.say("gave up after %d attempt(s): %s", n, dec.Reason)
+			if err := r.events.Err(); err != nil {
+				return r.fail(err, n)
+			}
 			return Result{Outcome: GaveUp, ExitCode: code, Reason: dec.Reason, Attempts: n, FoldDir: job.FoldDir}
 		}
+		// State first: a SIGKILL after this line continues with the new
+		// settings; the event log then tells what was decided.
 		if err := r.apply(dec); err != nil {
 			return r.fail(err, n)
 		}
 		if err := r.state.Save(r.statePath(), r.cfg.Now()); err != nil {
 			return r.fail(err, n)
 		}
+		r.emitAction(n, dec)
+		if err := r.events.Err(); err != nil {
+			return r.fail(err, n)
+		}
+		if ar.interrupted {
+			// a fatal error was printed before the signal: its lesson is
+			// recorded above; the next run starts from it
+			return r.interrupted(ctx, n, true)
+		}
 		restarts++
 		waited = false
 		if dec.Kind == policy.WaitForGPU {
-			waited = true
-			if err := r.waitForGPU(ctx, n); err != nil {
-				return r.interrupted(ctx, n)
+			released, err := r.waitForGPU(ctx, n)
+			if err != nil {
+				return r.interrupted(ctx, n, false)
 			}
+			waited = !released
 		}
 		if err := sleepCtx(ctx, r.cfg.Backoff); err != nil {
-			return r.interrupted(ctx, n)
+			return r.interrupted(ctx, n, false)
 		}
 	}
 }
 
-func (r *runner) interrupted(ctx context.Context, n int) Result {
+func (r *runner) emitAction(n int, dec policy.Decision) {
+	r.events.Emit("action", n, map[string]any{"kind": dec.Kind, "class": dec.Class, "from": jsonValue(dec.From), "to": jsonValue(dec.To), "reason": dec.Reason, "settings": dec.Next})
+	r.say("%s: %s", dec.Kind, dec.Reason)
+}
+
+func (r *runner) interrupted(ctx context.Context, n int, trainerStopped bool) Result {
 	code := ExitInterrupted
 	sig := "SIGINT"
 	if errors.Is(context.Cause(ctx), ErrTerminated) {
@@ -321,7 +403,11 @@ func (r *runner) interrupted(ctx context.Context, n int) Result {
 	}
 	r.state.Save(r.statePath(), r.cfg.Now())
 	r.events.Emit("run_end", n, map[string]any{"outcome": Interrupted, "exit_code": code, "attempts": n, "signal": sig})
-	r.say("interrupted by %s: the trainer was stopped; run the same command again to continue", sig)
+	what := "no trainer was running"
+	if trainerStopped {
+		what = "the trainer's process group was stopped"
+	}
+	r.say("interrupted by %s: %s; run the same command again to continue", sig, what)
 	return Result{Outcome: Interrupted, ExitCode: code, Reason: "interrupted by " + sig, Attempts: n, FoldDir: r.job.FoldDir}
 }
 
@@ -358,9 +444,11 @@ func (r *runner) ensurePlans(bs int) error {
 	return nil
 }
 
-func (r *runner) waitForGPU(ctx context.Context, n int) error {
+// waitForGPU waits (bounded) for other processes to release the GPU and
+// reports whether they did.
+func (r *runner) waitForGPU(ctx context.Context, n int) (bool, error) {
 	if r.cfg.GPU == nil || r.cfg.WaitForGPU <= 0 {
-		return nil
+		return false, nil
 	}
 	r.say("waiting up to %s for other processes to release the GPU", r.cfg.WaitForGPU)
 	start := r.cfg.Now()
@@ -368,9 +456,9 @@ func (r *runner) waitForGPU(ctx context.Context, n int) error {
 	err := r.cfg.GPU.WaitFree(ctx, r.cfg.WaitForGPU)
 	r.events.Emit("gpu_wait_end", n, map[string]any{"waited_s": r.cfg.Now().Sub(start).Seconds(), "released": err == nil})
 	if ctx.Err() != nil {
-		return ctx.Err()
+		return false, ctx.Err()
 	}
-	return nil
+	return err == nil, nil
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) error {

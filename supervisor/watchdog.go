@@ -121,7 +121,13 @@ func (w *watchdog) check(now time.Time) string {
 	if silent <= a {
 		return ""
 	}
-	cpu := w.cpuTicks(w.pgid) - w.lastCPU
+	cpuNow := w.cpuTicks(w.pgid)
+	if cpuNow < w.lastCPU {
+		// a process of the tree ended and took its CPU time with it:
+		// measure from here on
+		w.lastCPU = cpuNow
+	}
+	cpu := cpuNow - w.lastCPU
 	share := float64(cpu) / clkTck / silent.Seconds()
 	where := "in training"
 	switch w.phase {

@@ -209,7 +209,7 @@ per line), state.json (settings in force; running the same command again continu
 				Grace: o.grace, KillAfter: o.killAfter, Backoff: o.backoff,
 				StallFactor: o.stallFactor, StallTimeout: o.stallTimeout, FirstEpoch: o.firstEpoch,
 				WaitForGPU: o.waitForGPU, GPUAuto: o.gpu == "auto",
-				Stdout: stdout, Log: log,
+				Stdout: stdout, Log: log, Force: forceStop,
 			}
 			if job.Args.NumGPUs > cfg.Limits.MinBatchSize {
 				// DDP needs at least one sample per GPU (nnU-Net asserts it).

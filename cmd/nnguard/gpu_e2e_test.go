@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -27,20 +28,35 @@ func TestContentionWaitsInsteadOfLoweringBatchSize(t *testing.T) {
 	tr := mkTree(t, 4)
 	k := simGPU(t)
 	k["NNGUARD_SIM_FOREIGN_MIB"] = "4000"
-	k["NNGUARD_SIM_FOREIGN_SECONDS"] = "4"
+	k["NNGUARD_SIM_FOREIGN_SECONDS"] = "600"
 	// the other job is already on the GPU when nnguard starts
-	until := float64(time.Now().Add(4*time.Second).UnixNano()) / 1e9
-	foreign := map[string]any{"pid": 999999, "name": "foreign_job", "used_mib": 4000, "until": until}
-	state, _ := json.Marshal(map[string]any{"name": "Simulated GPU", "uuid": "GPU-sim-0", "total_mib": 8192, "used_mib": 4000,
-		"processes": []any{foreign}, "xids": []any{}, "foreign": foreign})
-	if err := os.WriteFile(k["NNGUARD_SIM_GPU_STATE"], state, 0o644); err != nil {
-		t.Fatal(err)
+	writeGPU := func(until time.Time) {
+		u := float64(until.UnixNano()) / 1e9
+		foreign := map[string]any{"pid": 999999, "name": "foreign_job", "used_mib": 4000, "until": u}
+		state, _ := json.Marshal(map[string]any{"name": "Simulated GPU", "uuid": "GPU-sim-0", "total_mib": 8192, "used_mib": 4000,
+			"processes": []any{foreign}, "xids": []any{}, "foreign": foreign})
+		tmp := k["NNGUARD_SIM_GPU_STATE"] + ".tmp"
+		if err := os.WriteFile(tmp, state, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, k["NNGUARD_SIM_GPU_STATE"]); err != nil {
+			t.Fatal(err)
+		}
 	}
-	code, out := runNN(t, tr, k, "--wait-for-gpu", "60s", "--sample-interval", "200ms", "4", "3d_fullres", "0")
+	writeGPU(time.Now().Add(10 * time.Minute))
+	n := start(t, tr, k, "--wait-for-gpu", "60s", "--sample-interval", "200ms", "4", "3d_fullres", "0")
+	n.waitFor("waiting up to", time.Minute)
+	// the other job ends while nnguard waits (the trainer is not running)
+	writeGPU(time.Now().Add(-time.Second))
+	code := n.wait(2 * time.Minute)
+	out := n.output()
 	if code != 0 {
 		t.Fatalf("exit %d\n%s", code, out)
 	}
 	evs := readEvents(t, tr.fold())
+	if f := filter(evs, "failure"); len(f) != 1 || f[0]["class"] != "gpu_contention" {
+		t.Fatalf("failure %v", f)
+	}
 	acts := filter(evs, "action")
 	if len(acts) != 1 || acts[0]["kind"] != "wait_for_gpu" || acts[0]["class"] != "gpu_contention" {
 		t.Fatalf("actions %v\n%s", acts, out)
@@ -81,6 +97,9 @@ func TestGPUFaultGivesUpWithExit5(t *testing.T) {
 		t.Fatalf("exit %d, want 5\n%s", code, out)
 	}
 	evs := readEvents(t, tr.fold())
+	if f := filter(evs, "failure"); len(f) != 1 || f[0]["class"] != "gpu_fault" || !strings.Contains(fmt.Sprint(f[0]["evidence"]), "Xid 79") {
+		t.Fatalf("failure %v", f)
+	}
 	acts := filter(evs, "action")
 	if len(acts) != 1 || acts[0]["kind"] != "give_up" || acts[0]["class"] != "gpu_fault" || !strings.Contains(acts[0]["reason"].(string), "Xid 79") {
 		t.Fatalf("actions %v", acts)

@@ -129,7 +129,7 @@ func TestStallInTrainingIsDetectedAndResumed(t *testing.T) {
 	knobs["NNGUARD_SIM_STALL_AT_EPOCH"] = "4"
 	knobs["NNGUARD_SIM_ONCE_FILE"] = filepath.Join(t.TempDir(), "once.json")
 	start := time.Now()
-	code, out := runNN(t, tr, knobs, "--stall-timeout", "1500ms", "--first-epoch-timeout", "20s", "4", "3d_fullres", "0")
+	code, out := runNN(t, tr, knobs, "--stall-timeout", "3s", "--first-epoch-timeout", "20s", "4", "3d_fullres", "0")
 	if code != 0 {
 		t.Fatalf("exit %d\n%s", code, out)
 	}
@@ -161,7 +161,7 @@ func TestStallInValidationRerunsValidationOnly(t *testing.T) {
 	knobs["NNGUARD_SIM_VAL_CASES"] = "4"
 	knobs["NNGUARD_SIM_STALL_IN_VALIDATION"] = "2"
 	knobs["NNGUARD_SIM_ONCE_FILE"] = filepath.Join(t.TempDir(), "once.json")
-	code, out := runNN(t, tr, knobs, "--stall-timeout", "1500ms", "--first-epoch-timeout", "20s", "4", "3d_fullres", "0")
+	code, out := runNN(t, tr, knobs, "--stall-timeout", "3s", "--first-epoch-timeout", "20s", "4", "3d_fullres", "0")
 	if code != 0 {
 		t.Fatalf("exit %d\n%s", code, out)
 	}
