@@ -172,6 +172,7 @@ func (r *runner) attempt(ctx context.Context, n int, resume bool) (attemptResult
 		delete(over, "PYTORCH_CUDA_ALLOC_CONF")
 	}
 	over["PYTHONUNBUFFERED"] = "1"
+	over[FoldMarker] = job.FoldDir
 	if r.cfg.GPU != nil {
 		lines, visible := r.cfg.GPU.Preflight(r.cfg.GPUAuto)
 		for _, l := range lines {

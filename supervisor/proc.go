@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -391,4 +392,64 @@ func terminalHolders(n int) []int {
 		}
 	})
 	return out
+}
+
+// FoldMarker is the environment variable nnguard sets for the trainer: its
+// value is the fold folder, so that a later nnguard can find trainer
+// processes an earlier, killed nnguard left behind.
+const FoldMarker = "NNGUARD_FOLD_DIR"
+
+// MarkedProcesses lists live processes whose environment carries
+// FoldMarker=foldDir, nnguard itself excepted.
+func MarkedProcesses(foldDir string) []int {
+	needle := []byte(FoldMarker + "=" + foldDir + "\x00")
+	me := os.Getpid()
+	var out []int
+	forEachProc(func(pid, ppid, pgid int, state byte) {
+		if pid == me || state == 'Z' || state == 'X' {
+			return
+		}
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/environ")
+		if err == nil && bytes.Contains(b, needle) {
+			out = append(out, pid)
+		}
+	})
+	return out
+}
+
+// StopProcesses sends SIGTERM to pids, SIGKILL after grace to those still
+// alive, and returns the ones that survived even that (bounded wait).
+func StopProcesses(pids []int, grace time.Duration) []int {
+	for _, p := range pids {
+		syscall.Kill(p, syscall.SIGTERM)
+	}
+	alive := func() []int {
+		var out []int
+		for _, p := range pids {
+			if st, ok := readStat(p); ok && st.state != 'Z' && st.state != 'X' {
+				out = append(out, p)
+			}
+		}
+		return out
+	}
+	deadline := time.Now().Add(grace)
+	killed := false
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for range tick.C {
+		left := alive()
+		if len(left) == 0 {
+			return nil
+		}
+		if !killed && time.Now().After(deadline) {
+			for _, p := range left {
+				syscall.Kill(p, syscall.SIGKILL)
+			}
+			killed = true
+			deadline = time.Now().Add(groupKillBound)
+		} else if killed && time.Now().After(deadline) {
+			return left
+		}
+	}
+	return nil
 }

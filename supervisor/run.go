@@ -202,6 +202,17 @@ func (r *runner) run(ctx context.Context) Result {
 		return r.fail(err, 0)
 	}
 	defer r.events.Close()
+	// We hold the fold's lock, so no nnguard supervises these: trainer
+	// processes (often orphaned workers) of an earlier nnguard that was
+	// killed. They hold RAM and GPU memory; a second trainer on the same
+	// fold would corrupt it.
+	if left := MarkedProcesses(job.FoldDir); len(left) > 0 {
+		r.say("stopping %d process(es) of an earlier trainer of this fold that outlived its nnguard: %v", len(left), left)
+		r.events.Emit("leftovers_stopped", 0, map[string]any{"pids": left})
+		if stuck := StopProcesses(left, r.cfg.KillAfter); len(stuck) > 0 {
+			return r.fail(fmt.Errorf("supervisor: processes %v of an earlier trainer of this fold survive SIGKILL; refusing to start a second trainer", stuck), 0)
+		}
+	}
 
 	prev, err := LoadState(r.statePath())
 	if err != nil {

@@ -158,3 +158,37 @@ func TestRefusedOptionsExit2(t *testing.T) {
 		t.Fatal("a refused command wrote records")
 	}
 }
+
+// TestSIGKILLOfNNGuardAloneLeftoversAreStoppedNextRun: only nnguard dies
+// (kill -9); the trainer ignores the terminal's hangup, so it and its
+// workers live on. The same command again must stop them before starting a
+// second trainer on the fold, then continue.
+func TestSIGKILLOfNNGuardAloneLeftoversAreStoppedNextRun(t *testing.T) {
+	tr := mkTree(t, 2)
+	knobs := fastSim()
+	knobs["NNGUARD_SIM_EPOCHS"] = "10"
+	// a trainer that ignores SIGHUP (inherited through exec by Python and
+	// its forked workers)
+	wrapper := filepath.Join(t.TempDir(), "nohup-trainer.sh")
+	os.WriteFile(wrapper, []byte("#!/bin/sh\ntrap '' HUP\nexec python3 "+repoPath(t, "sim/nnunetv2_train.py")+" \"$@\"\n"), 0o755)
+	n := start(t, tr, knobs, "--trainer-cmd", wrapper, "4", "3d_fullres", "0")
+	n.waitFor("Epoch 3", time.Minute)
+	n.cmd.Process.Kill() // nnguard only
+	n.wait(time.Minute)
+	if len(procsOf(tr)) == 0 {
+		t.Fatal("the trainer did not outlive nnguard: the test proves nothing")
+	}
+	code, out := runNN(t, tr, knobs, "--trainer-cmd", wrapper, "4", "3d_fullres", "0")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s", code, out)
+	}
+	if !strings.Contains(out, "outlived its nnguard") {
+		t.Fatalf("leftovers not reported:\n%s", out)
+	}
+	evs := readEvents(t, tr.fold())
+	if len(filter(evs, "leftovers_stopped")) != 1 {
+		t.Fatal("no leftovers_stopped event")
+	}
+	assertComplete(t, tr)
+	assertNoProcesses(t, tr)
+}
