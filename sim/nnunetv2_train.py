@@ -548,7 +548,7 @@ PNG_1x1 = (b'\x89PNG\r\n\x1a\n' + struct.pack('>I', 13) + b'IHDR' + struct.pack(
 # worker processes
 
 
-def _worker_main(worker_id, kind, raise_event, what_value, abort_event, preprocessed_file):
+def _worker_main(worker_id, kind, raise_event, what_value, abort_event, preprocessed_file, ready):
     # forked DA worker: block (no CPU) until told to raise; survive the death of the parent.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     if K.real_worker_mib > 0:
@@ -556,6 +556,7 @@ def _worker_main(worker_id, kind, raise_event, what_value, abort_event, preproce
         ballast = bytearray(K.real_worker_mib << 20)
         for i in range(0, len(ballast), 4096):
             ballast[i] = 1
+    ready.set()  # its first batch is ready
     while True:
         raise_event.wait()
         if what_value.value == 2:
@@ -670,17 +671,30 @@ class Workers:
         self.whats = []
         ctx = multiprocessing.get_context('fork')
         self.abort_event = ctx.Event()
+        self.ready = []
         for i in range(self.n_train + self.n_val):
             ev = ctx.Event()
             what = ctx.Value('i', 0)
             wid = i if i < self.n_train else i - self.n_train
+            ready = ctx.Event()
+            self.ready.append(ready)
             p = ctx.Process(target=_worker_main, args=(wid, 'train' if i < self.n_train else 'val', ev, what,
-                                                       self.abort_event, preprocessed_file))
+                                                       self.abort_event, preprocessed_file, ready))
             p.daemon = True
             p.start()
             self.procs.append(p)
             self.events.append(ev)
             self.whats.append(what)
+
+    def wait_first_batches(self):
+        """get_dataloaders pulls a first batch from each augmenter: wait until
+        every worker has one ready, or one of them died trying."""
+        while True:
+            if all(r.is_set() for r in self.ready):
+                return
+            if not all(self.alive()):
+                return  # the epoch loop reports the dead worker
+            self.ready[[r.is_set() for r in self.ready].index(False)].wait(0.05)
 
     def trigger(self, idx, what):
         self.whats[idx].value = 2 if what == 'shm' else 1
@@ -1034,6 +1048,7 @@ class Trainer:
                                          (tr[0] if tr else 'case_000') + '.pkl')
         if n_proc_da > 0:
             WORKERS = Workers(n_proc_da, preprocessed_file)
+            WORKERS.wait_first_batches()
             if self.device == 'cuda':
                 out('using pin_memory on device 0')
                 out('using pin_memory on device 0')
