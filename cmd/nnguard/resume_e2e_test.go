@@ -42,7 +42,7 @@ func TestCrashAfterBestResumesFromBest(t *testing.T) {
 	evs := readEvents(t, tr.fold())
 	lost, at, from := resumes(evs)
 	if len(lost) != 1 {
-		t.Fatalf("want one restart, got %v", lost)
+		t.Fatalf("want one restart, got %v\n%s", lost, out)
 	}
 	// the newest best before the crash: the last "Yayy!" epoch of attempt 1
 	best, epoch, done := -1, -1, -1

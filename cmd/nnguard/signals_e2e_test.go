@@ -166,13 +166,17 @@ func TestRefusedOptionsExit2(t *testing.T) {
 func TestSIGKILLOfNNGuardAloneLeftoversAreStoppedNextRun(t *testing.T) {
 	tr := mkTree(t, 2)
 	knobs := fastSim()
-	knobs["NNGUARD_SIM_EPOCHS"] = "10"
+	knobs["NNGUARD_SIM_EPOCHS"] = "8"
+	// the first trainer goes silent at epoch 2 (once): it is alive, quiet and
+	// holding its workers when nnguard dies
+	knobs["NNGUARD_SIM_STALL_AT_EPOCH"] = "2"
+	knobs["NNGUARD_SIM_ONCE_FILE"] = filepath.Join(t.TempDir(), "once.json")
 	// a trainer that ignores SIGHUP (inherited through exec by Python and
-	// its forked workers)
+	// its forked workers), so the terminal's hangup does not end it
 	wrapper := filepath.Join(t.TempDir(), "nohup-trainer.sh")
 	os.WriteFile(wrapper, []byte("#!/bin/sh\ntrap '' HUP\nexec python3 "+repoPath(t, "sim/nnunetv2_train.py")+" \"$@\"\n"), 0o755)
 	n := start(t, tr, knobs, "--trainer-cmd", wrapper, "4", "3d_fullres", "0")
-	n.waitFor("Epoch 3", time.Minute)
+	n.waitFor("Epoch 2", time.Minute)
 	n.cmd.Process.Kill() // nnguard only
 	n.wait(time.Minute)
 	if len(procsOf(tr)) == 0 {
