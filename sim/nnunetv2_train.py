@@ -689,12 +689,10 @@ class Workers:
     def wait_first_batches(self):
         """get_dataloaders pulls a first batch from each augmenter: wait until
         every worker has one ready, or one of them died trying."""
-        while True:
-            if all(r.is_set() for r in self.ready):
-                return
-            if not all(self.alive()):
-                return  # the epoch loop reports the dead worker
-            self.ready[[r.is_set() for r in self.ready].index(False)].wait(0.05)
+        for r in self.ready:
+            while not r.wait(0.05):
+                if not all(self.alive()):
+                    return  # the epoch loop reports the dead worker
 
     def trigger(self, idx, what):
         self.whats[idx].value = 2 if what == 'shm' else 1
