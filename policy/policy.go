@@ -25,6 +25,7 @@ const (
 	DisableCompile  Kind = "disable_compile"  // nnUNet_compile=f
 	RerunValidation Kind = "rerun_validation" // --val with fewer export processes
 	WaitForGPU      Kind = "wait_for_gpu"     // other processes hold the GPU
+	MoveGPU         Kind = "move_gpu"         // other processes hold the GPU; another one is free (--gpu auto)
 )
 
 // Settings are the knobs nnguard turns between attempts.
@@ -66,7 +67,10 @@ type GPUFacts struct {
 	TotalBytes   uint64
 	ForeignBytes uint64 // held by processes outside the trainer's tree
 	FatalXid     uint64 // a critical Xid code seen during the attempt, 0 if none
-	FreeOther    int    // index of another visible GPU with enough free memory, -1 if none
+	// FreeOther is another visible GPU with enough free memory (only with
+	// --gpu auto), valid when HasFreeOther.
+	FreeOther    int
+	HasFreeOther bool
 }
 
 // ContentionShare is the share of the GPU other processes must hold for an
@@ -146,7 +150,12 @@ func decide(in Input) Decision {
 		return d
 
 	case logparse.GPUContention, logparse.GPUOOM:
-		if in.GPU.Known && in.GPU.TotalBytes > 0 && float64(in.GPU.ForeignBytes) >= ContentionShare*float64(in.GPU.TotalBytes) && !in.WaitedForGPU {
+		contended := in.GPU.Known && in.GPU.TotalBytes > 0 && float64(in.GPU.ForeignBytes) >= ContentionShare*float64(in.GPU.TotalBytes)
+		if contended && in.GPU.HasFreeOther {
+			return Decision{Kind: MoveGPU, Class: logparse.GPUContention, Next: s, To: fmt.Sprint(in.GPU.FreeOther),
+				Reason: fmt.Sprintf("other processes hold %d MiB of %d MiB on this GPU; GPU %d is free: restarting there instead of lowering the batch size", in.GPU.ForeignBytes>>20, in.GPU.TotalBytes>>20, in.GPU.FreeOther)}
+		}
+		if contended && !in.WaitedForGPU {
 			return Decision{Kind: WaitForGPU, Class: logparse.GPUContention, Next: s,
 				Reason: fmt.Sprintf("other processes hold %d MiB of %d MiB on the GPU; waiting for it instead of lowering the batch size", in.GPU.ForeignBytes>>20, in.GPU.TotalBytes>>20)}
 		}
@@ -295,7 +304,7 @@ func Would(d logparse.Diagnosis) Decision {
 		Epoch:     -1,
 		Settings:  Settings{BatchSize: 4, NProcDA: 12},
 		Limits:    Limits{MaxRestarts: 10, MinBatchSize: 2, MinWorkers: 1},
-		GPU:       GPUFacts{FreeOther: -1},
+		GPU:       GPUFacts{},
 	}
 	if d.Class == logparse.None {
 		return Decision{Kind: "none", Class: d.Class, Reason: "no failure found"}

@@ -320,7 +320,7 @@ func (r *runner) run(ctx context.Context) Result {
 
 		// What the GPU looked like decides between the batch size's fault,
 		// other processes' (contention) and a broken GPU (Xid).
-		facts := policy.GPUFacts{FreeOther: -1}
+		facts := policy.GPUFacts{}
 		if r.cfg.GPU != nil {
 			facts = r.cfg.GPU.Facts(ar.pids, ar.start)
 			switch {

@@ -33,6 +33,7 @@ type gpuMonitor struct {
 	treePIDs map[int]bool // every pid seen in the trainer's group this attempt
 	lastPeak uint64       // the trainer's peak memory in the last attempt that had one
 	visible  string       // CUDA_VISIBLE_DEVICES nnguard set ("" = the user's)
+	auto     bool         // --gpu auto: nnguard picks (and may move to) a GPU
 }
 
 var _ supervisor.GPU = (*gpuMonitor)(nil)
@@ -100,6 +101,7 @@ func (g *gpuMonitor) Preflight(auto bool) ([]string, string) {
 		return []string{fmt.Sprintf("GPU preflight: cannot read devices: %v", err)}, ""
 	}
 	var set string
+	g.auto = auto
 	if auto {
 		i, err := nvml.Pick(devs, os.Getenv("CUDA_VISIBLE_DEVICES"))
 		if err == nil {
@@ -198,12 +200,28 @@ func (g *gpuMonitor) End() map[string]any {
 func (g *gpuMonitor) Facts(_ []int, since time.Time) policy.GPUFacts {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	f := policy.GPUFacts{Known: true, FreeOther: -1}
+	f := policy.GPUFacts{Known: true}
 	devs, idx := g.devices()
 	if len(idx) == 0 {
-		return policy.GPUFacts{FreeOther: -1}
+		return policy.GPUFacts{}
 	}
 	d := devs[idx[0]]
+	if g.auto {
+		// another GPU the user allows, free enough for what the trainer
+		// needed (or nearly empty when that is not known yet)
+		allowed, _ := nvml.Visible(devs, os.Getenv("CUDA_VISIBLE_DEVICES"))
+		var best uint64
+		for _, p := range allowed {
+			o := devs[p]
+			need := g.lastPeak
+			if need == 0 {
+				need = o.TotalBytes * 9 / 10
+			}
+			if o.Index != d.Index && o.FreeBytes >= need && o.FreeBytes > best {
+				f.FreeOther, f.HasFreeOther, best = o.Index, true, o.FreeBytes
+			}
+		}
+	}
 	f.TotalBytes = d.TotalBytes
 	procs, _ := g.r.Processes(d.Index)
 	for _, p := range procs {
