@@ -73,6 +73,21 @@ func fastSim() map[string]string {
 	}
 }
 
+// smallGPU adds the knobs of a simulated 8 GiB GPU (2 GB model + 1 GB per
+// sample: batch 8 does not fit, 4 does) whose OOM comes at oomFromEpoch, and
+// extra knobs, to the fast simulator's.
+func smallGPU(oomFromEpoch string, extra ...string) map[string]string {
+	k := fastSim()
+	k["NNGUARD_SIM_GPU_MIB"] = "8192"
+	k["NNGUARD_SIM_BASE_MIB"] = "2000"
+	k["NNGUARD_SIM_SAMPLE_MIB"] = "1000"
+	k["NNGUARD_SIM_OOM_FROM_EPOCH"] = oomFromEpoch
+	for i := 0; i+1 < len(extra); i += 2 {
+		k[extra[i]] = extra[i+1]
+	}
+	return k
+}
+
 type nng struct {
 	t    *testing.T
 	cmd  *exec.Cmd

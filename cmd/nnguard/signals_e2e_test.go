@@ -55,11 +55,7 @@ func TestSchedulerSignalsEveryoneIsAnInterruptNotAFailure(t *testing.T) {
 // size) must be in state.json so the next run does not repeat it.
 func TestSignalDuringGraceKeepsTheLesson(t *testing.T) {
 	tr := mkTree(t, 8)
-	knobs := fastSim()
-	for k, v := range map[string]string{"NNGUARD_SIM_GPU_MIB": "8192", "NNGUARD_SIM_BASE_MIB": "2000", "NNGUARD_SIM_SAMPLE_MIB": "1000",
-		"NNGUARD_SIM_OOM_FROM_EPOCH": "1", "NNGUARD_SIM_HANG_AFTER_FATAL": "1"} {
-		knobs[k] = v
-	}
+	knobs := smallGPU("1", "NNGUARD_SIM_HANG_AFTER_FATAL", "1")
 	n := start(t, tr, knobs, "--grace", "10m", "4", "3d_fullres", "0")
 	n.waitFor("printed a fatal error", time.Minute)
 	n.cmd.Process.Signal(syscall.SIGTERM)
@@ -89,10 +85,7 @@ func TestUnwritableStdoutStillDiagnoses(t *testing.T) {
 		t.Skip("no /dev/full")
 	}
 	tr := mkTree(t, 8)
-	knobs := fastSim()
-	for k, v := range map[string]string{"NNGUARD_SIM_GPU_MIB": "8192", "NNGUARD_SIM_BASE_MIB": "2000", "NNGUARD_SIM_SAMPLE_MIB": "1000", "NNGUARD_SIM_OOM_FROM_EPOCH": "2"} {
-		knobs[k] = v
-	}
+	knobs := smallGPU("2")
 	full, err := os.OpenFile("/dev/full", os.O_WRONLY, 0)
 	if err != nil {
 		t.Skip(err)

@@ -13,10 +13,7 @@ func TestTrainOOMLowersBatchSizeAndResumes(t *testing.T) {
 	tr := mkTree(t, 8)
 	plans := filepath.Join(tr.pre, "Dataset004_Hippocampus", "nnUNetPlans.json")
 	orig := readFile(t, plans)
-	knobs := fastSim()
-	for k, v := range map[string]string{"NNGUARD_SIM_GPU_MIB": "8192", "NNGUARD_SIM_BASE_MIB": "2000", "NNGUARD_SIM_SAMPLE_MIB": "1000", "NNGUARD_SIM_OOM_FROM_EPOCH": "3"} {
-		knobs[k] = v
-	}
+	knobs := smallGPU("3")
 	code, out := runNN(t, tr, knobs, "4", "3d_fullres", "0")
 	if code != 0 {
 		t.Fatalf("exit %d\n%s", code, out)
@@ -89,10 +86,7 @@ func TestTrainDeadWorkersLowerWorkers(t *testing.T) {
 
 func TestTrainHangAfterOOMIsStoppedAfterGrace(t *testing.T) {
 	tr := mkTree(t, 8)
-	knobs := fastSim()
-	for k, v := range map[string]string{"NNGUARD_SIM_GPU_MIB": "8192", "NNGUARD_SIM_BASE_MIB": "2000", "NNGUARD_SIM_SAMPLE_MIB": "1000", "NNGUARD_SIM_OOM_FROM_EPOCH": "2", "NNGUARD_SIM_HANG_AFTER_FATAL": "1"} {
-		knobs[k] = v
-	}
+	knobs := smallGPU("2", "NNGUARD_SIM_HANG_AFTER_FATAL", "1")
 	code, out := runNN(t, tr, knobs, "--grace", "1s", "4", "3d_fullres", "0")
 	if code != 0 {
 		t.Fatalf("exit %d\n%s", code, out)
@@ -132,11 +126,7 @@ func TestSIGTERMStopsTrainerAndExits143(t *testing.T) {
 
 func TestSIGKILLThenSameCommandContinuesWithReducedSettings(t *testing.T) {
 	tr := mkTree(t, 8)
-	knobs := fastSim()
-	knobs["NNGUARD_SIM_EPOCHS"] = "10"
-	for k, v := range map[string]string{"NNGUARD_SIM_GPU_MIB": "8192", "NNGUARD_SIM_BASE_MIB": "2000", "NNGUARD_SIM_SAMPLE_MIB": "1000", "NNGUARD_SIM_OOM_FROM_EPOCH": "2"} {
-		knobs[k] = v
-	}
+	knobs := smallGPU("2", "NNGUARD_SIM_EPOCHS", "10")
 	n := start(t, tr, knobs, "4", "3d_fullres", "0")
 	n.waitFor("lower_batch_size", time.Minute)
 	n.waitFor("Epoch 4", time.Minute)
