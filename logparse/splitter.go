@@ -158,9 +158,9 @@ func (s *Splitter) Write(p []byte) (int, error) {
 			}
 			r, size := utf8.DecodeRune(b)
 			if r == utf8.RuneError && size == 1 {
-				s.appendRune("\uFFFD")
+				appendRune(s, "\uFFFD")
 			} else {
-				s.appendRuneBytes(b[:size])
+				appendRune(s, b[:size])
 			}
 			b = b[size:]
 		}
@@ -180,9 +180,9 @@ func (s *Splitter) finishRune(b []byte) []byte {
 	}
 	r, size := utf8.DecodeRune(s.pend[:s.npend])
 	if r == utf8.RuneError && size == 1 {
-		s.appendRune("\uFFFD")
+		appendRune(s, "\uFFFD")
 	} else {
-		s.appendRuneBytes(s.pend[:size])
+		appendRune(s, s.pend[:size])
 	}
 	// Bytes after the decoded prefix were not part of the rune: reprocess
 	// them in front of b (at most 3 bytes).
@@ -271,20 +271,8 @@ func (s *Splitter) appendBytes(b []byte) {
 	s.line = append(s.line, b...)
 }
 
-// appendRuneBytes appends one whole rune, or truncates if it does not fit.
-func (s *Splitter) appendRuneBytes(r []byte) {
-	s.crEnd = false
-	if s.trunc {
-		return
-	}
-	if len(s.line)+len(r) > s.maxLine {
-		s.trunc = true
-		return
-	}
-	s.line = append(s.line, r...)
-}
-
-func (s *Splitter) appendRune(r string) {
+// appendRune appends one whole rune, or truncates if it does not fit.
+func appendRune[T string | []byte](s *Splitter, r T) {
 	s.crEnd = false
 	if s.trunc {
 		return
@@ -308,7 +296,7 @@ func (s *Splitter) endLine() {
 func (s *Splitter) Flush() {
 	if s.npend > 0 {
 		s.npend = 0
-		s.appendRune("\uFFFD")
+		appendRune(s, "\uFFFD")
 	}
 	s.esc = escNone
 	if len(s.line) > 0 || s.trunc {

@@ -601,19 +601,22 @@ def worker_exception_text(preprocessed_file):
         '    data, seg, seg_prev, properties = self._data.load_case(i)',
         '                                      ^^^^^^^^^^^^^^^^^^^^^^^',
     ]
+    # np.load of a preprocessed case with mmap_mode (both numpy failures)
+    np_load = [
+        f'  File "{NNU}/training/dataloading/nnunet_dataset.py", line 96, in load_case',
+        '    data = np.load(data_npy_file, mmap_mode=\'r\')',
+        '           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^',
+        f'  File "{SITE}/numpy/lib/npyio.py", line 453, in load',
+        '    return format.open_memmap(file, mode=mmap_mode,',
+        '           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^',
+        f'  File "{SITE}/numpy/lib/format.py", line 945, in open_memmap',
+        '    marray = numpy.memmap(filename, dtype=dtype, shape=shape, order=order,',
+        '             ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^',
+    ]
     kind = K.worker_exception_kind
     if kind == 'reshape':
         msg = 'cannot reshape array of size 2359296 into shape (1,40,56,40)'
-        frames = head + [
-            f'  File "{NNU}/training/dataloading/nnunet_dataset.py", line 96, in load_case',
-            '    data = np.load(data_npy_file, mmap_mode=\'r\')',
-            '           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^',
-            f'  File "{SITE}/numpy/lib/npyio.py", line 453, in load',
-            '    return format.open_memmap(file, mode=mmap_mode,',
-            '           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^',
-            f'  File "{SITE}/numpy/lib/format.py", line 945, in open_memmap',
-            '    marray = numpy.memmap(filename, dtype=dtype, shape=shape, order=order,',
-            '             ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^',
+        frames = head + np_load + [
             f'  File "{SITE}/numpy/core/memmap.py", line 289, in __new__',
             '    self = ndarray.__new__(subtype, shape, dtype=descr, buffer=mm,',
             '           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^',
@@ -631,16 +634,7 @@ def worker_exception_text(preprocessed_file):
         ]
         return msg, 'OSError: ' + msg, frames
     msg = 'mmap length is greater than file size'
-    frames = head + [
-        f'  File "{NNU}/training/dataloading/nnunet_dataset.py", line 96, in load_case',
-        '    data = np.load(data_npy_file, mmap_mode=\'r\')',
-        '           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^',
-        f'  File "{SITE}/numpy/lib/npyio.py", line 453, in load',
-        '    return format.open_memmap(file, mode=mmap_mode,',
-        '           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^',
-        f'  File "{SITE}/numpy/lib/format.py", line 945, in open_memmap',
-        '    marray = numpy.memmap(filename, dtype=dtype, shape=shape, order=order,',
-        '             ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^',
+    frames = head + np_load + [
         f'  File "{SITE}/numpy/core/memmap.py", line 268, in __new__',
         '    mm = mmap.mmap(fid.fileno(), bytes, access=acc, offset=start)',
         '         ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^',
