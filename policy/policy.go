@@ -278,7 +278,7 @@ func workerErrorAdvice(d logparse.Diagnosis, what string) string {
 	} else {
 		s += "; the preprocessed data is probably corrupt: re-run nnUNetv2_plan_and_preprocess (or delete the unpacked .npy files so they are unpacked again)"
 	}
-	return s
+	return s + "; truncated files are often left by a full disk (or TMPDIR) during preprocessing or unpacking: check free space first"
 }
 
 // Env returns the environment overrides that the settings imply.

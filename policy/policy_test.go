@@ -39,6 +39,7 @@ func TestDecide(t *testing.T) {
 		{name: "shm lowers workers and says shm", in: Input{Diagnosis: diag(lp.ShmExhausted), Settings: base, Limits: lim}, kind: LowerWorkers, contains: "shm-size"},
 		{name: "worker error restarts once", in: Input{Diagnosis: diag(lp.WorkerError), Settings: base, Limits: lim}, kind: Restart, next: base},
 		{name: "worker error twice gives up naming file", in: Input{Diagnosis: lp.Diagnosis{Class: lp.WorkerError, File: "/d/case_001.npy"}, Settings: base, Limits: lim, History: []Record{{Class: lp.WorkerError, Settings: base, Epoch: 3}}, Epoch: 9}, kind: GiveUp, contains: "case_001.npy"},
+		{name: "worker error give-up mentions a full disk", in: Input{Diagnosis: lp.Diagnosis{Class: lp.WorkerError}, Settings: base, Limits: lim, History: []Record{{Class: lp.WorkerError, Settings: base, Epoch: 3}}, Epoch: 9}, kind: GiveUp, contains: "full disk"},
 		{name: "unknown restarts", in: Input{Diagnosis: diag(lp.Unknown), Settings: base, Limits: lim}, kind: Restart},
 		{name: "unknown twice same settings no progress is a loop", in: Input{Diagnosis: diag(lp.Unknown), Settings: base, Limits: lim, Epoch: 5, History: []Record{{Class: lp.Unknown, Settings: base, Epoch: 5}}}, kind: GiveUp, contains: "crash loop"},
 		{name: "unknown twice with progress restarts", in: Input{Diagnosis: diag(lp.Unknown), Settings: base, Limits: lim, Epoch: 9, History: []Record{{Class: lp.Unknown, Settings: base, Epoch: 5}}}, kind: Restart},
