@@ -252,7 +252,9 @@ func (a TrainArgs) flagOn(name string, o ArgvOptions) bool {
 	val := a.ValOnly || o.ValOnly
 	switch name {
 	case "--c":
-		return (a.Continue || o.Continue) && !val
+		// the caller decides: it drops the user's --c when no checkpoint
+		// exists (nnU-Net 2.0/2.1 crash on --c without one)
+		return o.Continue && !val
 	case "--val":
 		return val
 	}

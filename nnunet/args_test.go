@@ -102,6 +102,8 @@ func TestArgvChanges(t *testing.T) {
 		{"999 2d 0 --val --npz", ArgvOptions{Continue: true},
 			"999 2d 0 --val --npz"},
 		{"999 2d 0 -tr A -tr B", ArgvOptions{}, "999 2d 0 -tr B"},
+		// the user's --c goes when the caller says there is nothing to resume
+		{"999 2d 0 --c -tr T", ArgvOptions{Continue: false}, "999 2d 0 -tr T"},
 		{"999 2d 0 --weird -- x", ArgvOptions{Continue: true, Plans: "P"}, "999 2d 0 --weird -p P --c -- x"},
 	} {
 		a, err := ParseTrainArgs(strings.Fields(tc.line))

@@ -39,6 +39,13 @@ func EnvFrom(getenv func(string) string) (Env, error) {
 			return Env{}, configErrorf("nnunet: %s is not set: export %s=<%s>", v.name, v.name, v.what)
 		}
 		st, err := os.Stat(v.value)
+		if errors.Is(err, fs.ErrNotExist) && v.name == "nnUNet_results" {
+			// nnU-Net creates its results folder (and nnguard the fold's)
+			// as long as the parent exists
+			if pst, perr := os.Stat(filepath.Dir(filepath.Clean(v.value))); perr == nil && pst.IsDir() {
+				continue
+			}
+		}
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
 			return Env{}, configWrap(err, "nnunet: %s=%s does not exist: create it or point %s at %s", v.name, v.value, v.name, v.what)
@@ -61,6 +68,7 @@ var datasetNameRE = regexp.MustCompile(`^Dataset\d{3,}_.+$`)
 // A missing, ambiguous or malformed dataset wraps ErrConfig and lists the
 // datasets that exist.
 func FindDataset(preprocessed, idOrName string) (string, error) {
+	idOrName = strings.TrimRight(idOrName, `/\`) // a folder name from tab completion
 	if strings.HasPrefix(idOrName, "Dataset") {
 		if !datasetNameRE.MatchString(idOrName) || strings.ContainsAny(idOrName, `/\`) {
 			return "", configErrorf("nnunet: dataset %q is not a valid dataset name: use an id like 4 or a name like Dataset004_Hippocampus (pattern DatasetXXX_YYY)", idOrName)

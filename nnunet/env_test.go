@@ -21,13 +21,18 @@ func TestEnvFrom(t *testing.T) {
 	if err != nil || env.Preprocessed != pre || env.Results != res || env.Raw != "" {
 		t.Fatalf("env %+v err %v", env, err)
 	}
+	// nnU-Net creates a missing results folder whose parent exists
+	if _, err := EnvFrom(getenv(map[string]string{"nnUNet_preprocessed": pre, "nnUNet_results": filepath.Join(root, "new")})); err != nil {
+		t.Fatalf("a new results folder under an existing parent: %v", err)
+	}
 	for _, tc := range []struct {
 		vars map[string]string
 		want string
 	}{
 		{map[string]string{"nnUNet_results": res}, "nnUNet_preprocessed is not set: export nnUNet_preprocessed="},
 		{map[string]string{"nnUNet_preprocessed": pre}, "nnUNet_results is not set: export nnUNet_results="},
-		{map[string]string{"nnUNet_preprocessed": pre, "nnUNet_results": filepath.Join(root, "nope")}, "does not exist"},
+		{map[string]string{"nnUNet_preprocessed": pre, "nnUNet_results": filepath.Join(root, "nope", "results")}, "does not exist"},
+		{map[string]string{"nnUNet_preprocessed": filepath.Join(root, "nope"), "nnUNet_results": res}, "does not exist"},
 		{map[string]string{"nnUNet_preprocessed": file, "nnUNet_results": res}, "is not a folder"},
 	} {
 		_, err := EnvFrom(getenv(tc.vars))
@@ -47,6 +52,7 @@ func TestFindDataset(t *testing.T) {
 	for in, want := range map[string]string{
 		"4": "Dataset004_Hippocampus", "004": "Dataset004_Hippocampus", " +4 ": "Dataset004_Hippocampus",
 		"Dataset004_Hippocampus": "Dataset004_Hippocampus", "1234": "Dataset1234_Big",
+		"Dataset004_Hippocampus/": "Dataset004_Hippocampus", // tab completion
 	} {
 		got, err := FindDataset(pre, in)
 		if err != nil || got != filepath.Join(pre, want) {

@@ -88,8 +88,10 @@ type ResumePlan struct {
 	// without a checkpoint; later versions start from scratch).
 	HasCheckpoint bool
 	Moves         []Move
-	Backups       []string // backup copies written under <Dir>/nnguard/checkpoint-backups
+	Backups       []string // backups (hard links or copies) under <Dir>/nnguard/checkpoint-backups
 	Status        FoldStatus
+	// Warnings are things that did not work but did not stop the resume.
+	Warnings []string
 }
 
 // BackupDir is where PrepareResume keeps copies of the checkpoints it
@@ -145,14 +147,17 @@ func PrepareResume(dir string, now time.Time) (ResumePlan, error) {
 			}
 		}
 		dst := filepath.Join(dir, CheckpointLatest)
-		if err := atomicfile.CopyFile(st.Best.Path, dst); err != nil {
-			return plan, fmt.Errorf("nnunet: copy %s to %s: %w", st.Best.Path, dst, err)
-		}
 		why := fmt.Sprintf("resume from the newest valid state (epoch %d)", st.Best.Epoch)
 		if !latestOK {
 			why = fmt.Sprintf("no valid checkpoint_latest.pth; resume from checkpoint_best.pth (epoch %d)", st.Best.Epoch)
 		}
-		plan.Moves = append(plan.Moves, Move{From: st.Best.Path, To: dst, Why: why, Copy: true})
+		if err := copyWritable(st.Best.Path, dst); err != nil {
+			// With latest gone, --c falls back to best anyway: the copy is a
+			// convenience, a full disk must not stop the resume.
+			plan.Warnings = append(plan.Warnings, fmt.Sprintf("could not copy checkpoint_best.pth to checkpoint_latest.pth (%v); --c resumes from checkpoint_best.pth", err))
+		} else {
+			plan.Moves = append(plan.Moves, Move{From: st.Best.Path, To: dst, Why: why, Copy: true})
+		}
 	}
 	if st, err = FoldState(dir); err != nil {
 		return plan, err
@@ -165,6 +170,19 @@ func PrepareResume(dir string, now time.Time) (ResumePlan, error) {
 		plan.From, plan.Epoch, plan.HasCheckpoint = c.Name, c.Epoch, true
 	}
 	return plan, nil
+}
+
+// copyWritable copies src to dst atomically and makes dst writable by its
+// owner: nnU-Net overwrites checkpoint_latest.pth at its next save.
+func copyWritable(src, dst string) error {
+	if err := atomicfile.CopyFile(src, dst); err != nil {
+		return err
+	}
+	st, err := os.Stat(dst)
+	if err != nil {
+		return err
+	}
+	return os.Chmod(dst, st.Mode().Perm()|0o200)
 }
 
 // moveAside backs c up and renames it to newName in the same folder,
@@ -227,8 +245,13 @@ func backup(c Checkpoint, ts string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if err := atomicfile.CopyFile(c.Path, dst); err != nil {
-		return "", fmt.Errorf("nnunet: back up %s: %w", c.Path, err)
+	// A hard link keeps the bytes without using space (the file itself is
+	// only renamed aside, never written to, so the link stays intact); a
+	// copy where links are impossible.
+	if err := os.Link(c.Path, dst); err != nil {
+		if err := atomicfile.CopyFile(c.Path, dst); err != nil {
+			return "", fmt.Errorf("nnunet: back up %s: %w", c.Path, err)
+		}
 	}
 	if err := pruneBackups(bdir, c.Name); err != nil {
 		return dst, err

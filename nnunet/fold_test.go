@@ -280,3 +280,32 @@ func TestPrepareResumeSimulator(t *testing.T) {
 		t.Fatalf("plan %+v err %v", plan, err)
 	}
 }
+
+func TestPrepareResumeBackupIsAHardLinkAndCopyIsWritable(t *testing.T) {
+	dir := foldWith(t, map[string]string{CheckpointLatest: "checkpoint_latest.pth", CheckpointBest: "checkpoint_best.pth"})
+	// a read-only best (copied with its mode) must not give a read-only latest
+	if err := os.Chmod(filepath.Join(dir, CheckpointBest), 0o444); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := PrepareResume(dir, now); err != nil {
+		t.Fatal(err)
+	}
+	aside, err := os.Stat(filepath.Join(dir, "checkpoint_latest.pth.older-than-best-"+stamp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bk, err := os.Stat(filepath.Join(dir, "nnguard", "checkpoint-backups", "checkpoint_latest.pth."+stamp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !os.SameFile(aside, bk) {
+		t.Fatal("the backup should share the moved-aside file's bytes (a hard link), not use space again")
+	}
+	latest, err := os.Stat(filepath.Join(dir, CheckpointLatest))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if latest.Mode().Perm()&0o200 == 0 {
+		t.Fatalf("promoted latest is %v: nnU-Net could not overwrite it at its next save", latest.Mode())
+	}
+}

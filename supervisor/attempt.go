@@ -135,6 +135,10 @@ func (r *runner) attempt(ctx context.Context, n int, resume bool) (attemptResult
 		if err != nil {
 			return ar, fmt.Errorf("supervisor: prepare resume: %w", err)
 		}
+		for _, w := range rp.Warnings {
+			r.say("warning: %s", w)
+			r.events.Emit("resume_warning", n, map[string]any{"warning": w})
+		}
 		if len(rp.Backups) > 0 {
 			r.events.Emit("checkpoint_backup", n, map[string]any{"files": rp.Backups, "why": "copies kept before nnguard changed checkpoint files"})
 		}

@@ -250,3 +250,21 @@ func TestFreshStartInFolderWithCheckpointsKeepsCopies(t *testing.T) {
 	assertComplete(t, tr)
 	assertNoProcesses(t, tr)
 }
+
+// TestUserContinueOnFreshFoldWithOldNNUNet: nnU-Net 2.0/2.1 crash on --c
+// without a checkpoint; nnguard passes --c only when there is one, even
+// when the user typed it.
+func TestUserContinueOnFreshFoldWithOldNNUNet(t *testing.T) {
+	tr := mkTree(t, 2)
+	knobs := fastSim()
+	knobs["NNGUARD_SIM_VERSION"] = "2.0"
+	code, out := runNN(t, tr, knobs, "4", "3d_fullres", "0", "--c")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s", code, out)
+	}
+	first := argvOf(filter(readEvents(t, tr.fold()), "attempt_start")[0])
+	if strings.Contains(first, "--c") {
+		t.Fatalf("--c passed with no checkpoint: %q", first)
+	}
+	assertComplete(t, tr)
+}
