@@ -338,6 +338,14 @@ func safeName(s string) string {
 // file is itself an nnguard-derived one (identifier containing
 // "__nnguard_"), so a user's plans file is never replaced.
 func (p *Plans) Derive(cfg string, batchSize int, identifier string) (string, error) {
+	return p.DeriveIn(filepath.Dir(p.Path), cfg, batchSize, identifier)
+}
+
+// DeriveIn is Derive writing into dir instead of the plans' own folder (for
+// a read-only nnUNet_preprocessed: nnU-Net joins the -p value onto the
+// dataset folder with os.path.join, so an absolute -p <dir>/<identifier>
+// loads it).
+func (p *Plans) DeriveIn(dir, cfg string, batchSize int, identifier string) (string, error) {
 	if identifier == "" || identifier != filepath.Base(identifier) || strings.ContainsAny(identifier, `/\`) || strings.HasPrefix(identifier, ".") {
 		return "", fmt.Errorf("nnunet: derived plans identifier %q must be a plain file name without folders", identifier)
 	}
@@ -353,7 +361,7 @@ func (p *Plans) Derive(cfg string, batchSize int, identifier string) (string, er
 	if _, err := p.Configuration(cfg); err != nil {
 		return "", err
 	}
-	dst := filepath.Join(filepath.Dir(p.Path), identifier+".json")
+	dst := filepath.Join(dir, identifier+".json")
 	if sameFile(dst, p.Path) {
 		return "", fmt.Errorf("nnunet: refusing to overwrite the original plans %s: derive under a new identifier", p.Path)
 	}

@@ -151,7 +151,7 @@ func (r *runner) attempt(ctx context.Context, n int, resume bool) (attemptResult
 			r.say(verb, filepath.Base(m.From), filepath.Base(m.To), m.Why)
 		}
 	}
-	if set.BatchSize != r.state.OriginalBatchSize && r.state.DerivedPlans == "" || r.state.DerivedPlans != "" && !fileExists(filepath.Join(job.Env.Preprocessed, job.Dataset, r.state.DerivedPlans+".json")) {
+	if set.BatchSize != r.state.OriginalBatchSize && r.state.DerivedPlans == "" || r.state.DerivedPlans != "" && !fileExists(r.derivedPath()) {
 		if err := r.ensurePlans(set.BatchSize); err != nil {
 			return ar, err
 		}

@@ -9,11 +9,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -447,6 +449,18 @@ func (r *runner) ensurePlans(bs int) error {
 	}
 	id := nnunet.DerivedIdentifier(r.job.Plans.Identifier, r.job.Args.Configuration, r.job.Args.Fold, bs)
 	path, err := r.job.Plans.Derive(r.job.Args.Configuration, bs, id)
+	if errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS) {
+		// A read-only nnUNet_preprocessed (a shared dataset): keep the
+		// derived plans with the fold's records and give -p its absolute
+		// path (nnU-Net joins -p onto the dataset folder with os.path.join).
+		dir := filepath.Join(r.dir, "plans")
+		if mkErr := os.MkdirAll(dir, 0o755); mkErr == nil {
+			if path, err = r.job.Plans.DeriveIn(dir, r.job.Args.Configuration, bs, id); err == nil {
+				id = strings.TrimSuffix(path, ".json")
+				r.say("the plans folder is read-only: the derived plans are in %s", path)
+			}
+		}
+	}
 	if err != nil {
 		return fmt.Errorf("supervisor: derive plans: %w", err)
 	}
@@ -538,4 +552,13 @@ func jsonValue(s string) any {
 		return n
 	}
 	return s
+}
+
+// derivedPath is the file of the derived plans in force: next to the user's
+// plans, or an absolute identifier (read-only plans folder).
+func (r *runner) derivedPath() string {
+	if filepath.IsAbs(r.state.DerivedPlans) {
+		return r.state.DerivedPlans + ".json"
+	}
+	return filepath.Join(r.job.Env.Preprocessed, r.job.Dataset, r.state.DerivedPlans+".json")
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -290,4 +291,36 @@ func TestUnusableSetupExits2(t *testing.T) {
 			t.Fatal("the file was changed")
 		}
 	})
+}
+
+// TestReadOnlyPlansFolderStillLowersBatchSize: a dataset shared read-only
+// (a bind mount here). The derived plans go with the fold's records and -p
+// gets their absolute path, which nnU-Net joins onto the dataset folder.
+func TestReadOnlyPlansFolderStillLowersBatchSize(t *testing.T) {
+	tr := mkTree(t, 8)
+	// nnU-Net writes splits_final.json into the dataset folder on the first
+	// run: let a first fold do that while it is writable
+	if code, out := runNN(t, tr, fastSim(), "4", "3d_fullres", "1"); code != 0 {
+		t.Fatalf("fold 1: exit %d\n%s", code, out)
+	}
+	ds := filepath.Join(tr.pre, "Dataset004_Hippocampus")
+	if out, err := exec.Command("mount", "--bind", ds, ds).CombinedOutput(); err != nil {
+		t.Skipf("cannot bind-mount: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", ds).Run() })
+	if out, err := exec.Command("mount", "-o", "remount,bind,ro", ds).CombinedOutput(); err != nil {
+		t.Skipf("cannot make it read-only: %v %s", err, out)
+	}
+	code, out := runNN(t, tr, smallGPU("2"), "4", "3d_fullres", "0")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s", code, out)
+	}
+	evs := readEvents(t, tr.fold())
+	starts := filter(evs, "attempt_start")
+	last := argvOf(starts[len(starts)-1])
+	want := "-p " + filepath.Join(tr.fold(), "nnguard", "plans", "nnUNetPlans__nnguard_3d_fullres_f0_bs4")
+	if !strings.Contains(last, want) || num(starts[len(starts)-1]["batch_size"]) != 4 {
+		t.Fatalf("last attempt %q, want %q", last, want)
+	}
+	assertComplete(t, tr)
 }
