@@ -464,6 +464,11 @@ func (r *runner) ensurePlans(bs int) error {
 	if err != nil {
 		return fmt.Errorf("supervisor: derive plans: %w", err)
 	}
+	if d := filepath.Dir(r.job.Args.Plans); r.job.Args.Plans != "" && d != "." && !filepath.IsAbs(id) {
+		// the user's -p names a plans file in another folder (nnU-Net joins
+		// it onto the dataset folder): the derived file sits next to it
+		id = filepath.Join(d, id)
+	}
 	r.state.DerivedPlans = id
 	r.events.Emit("derived_plans", r.state.Attempts, map[string]any{"path": path, "identifier": id, "batch_size": bs, "plans_name": r.job.Plans.Name})
 	return nil

@@ -324,3 +324,29 @@ func TestReadOnlyPlansFolderStillLowersBatchSize(t *testing.T) {
 	}
 	assertComplete(t, tr)
 }
+
+// TestPlansInAnotherFolder: -p may name a plans file outside the dataset
+// folder (nnU-Net joins it onto the dataset folder); the derived plans sit
+// next to it and -p keeps the folder.
+func TestPlansInAnotherFolder(t *testing.T) {
+	tr := mkTree(t, 8)
+	lab := filepath.Join(tr.root, "labplans")
+	os.MkdirAll(lab, 0o755)
+	orig := readFile(t, filepath.Join(tr.pre, "Dataset004_Hippocampus", "nnUNetPlans.json"))
+	os.WriteFile(filepath.Join(lab, "Lab.json"), orig, 0o644)
+	code, out := runNN(t, tr, smallGPU("2"), "4", "3d_fullres", "0", "-p", "../../labplans/Lab")
+	if code != 0 {
+		t.Fatalf("exit %d\n%s", code, out)
+	}
+	if _, err := os.Stat(filepath.Join(lab, "Lab__nnguard_3d_fullres_f0_bs4.json")); err != nil {
+		t.Fatal(err)
+	}
+	starts := filter(readEvents(t, tr.fold()), "attempt_start")
+	if last := argvOf(starts[len(starts)-1]); !strings.Contains(last, "-p ../../labplans/Lab__nnguard_3d_fullres_f0_bs4") {
+		t.Fatalf("argv %q", last)
+	}
+	if string(readFile(t, filepath.Join(lab, "Lab.json"))) != string(orig) {
+		t.Fatal("the user's plans changed")
+	}
+	assertComplete(t, tr)
+}
