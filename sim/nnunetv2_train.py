@@ -87,24 +87,22 @@ def _env_str(name, default=None):
     return v
 
 
-def _env_int(name, default=None):
+def _env_num(name, default, conv):
     v = _env_str(name)
     if v is None:
         return default
     try:
-        return int(float(v))
+        return conv(v)
     except ValueError:
         return default
+
+
+def _env_int(name, default=None):
+    return _env_num(name, default, lambda v: int(float(v)))
 
 
 def _env_float(name, default=None):
-    v = _env_str(name)
-    if v is None:
-        return default
-    try:
-        return float(v)
-    except ValueError:
-        return default
+    return _env_num(name, default, float)
 
 
 class Knobs:

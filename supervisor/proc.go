@@ -277,6 +277,11 @@ func reapGroup(pgid int) {
 // forEachProc calls fn for every process in /proc with its parent, process
 // group and state.
 func forEachProc(fn func(pid, ppid, pgid int, state byte)) {
+	forEachStat(func(pid int, st procStat) { fn(pid, st.ppid, st.pgid, st.state) })
+}
+
+// forEachStat calls fn for every process in /proc with its parsed stat.
+func forEachStat(fn func(pid int, st procStat)) {
 	d, err := os.Open("/proc")
 	if err != nil {
 		return
@@ -292,7 +297,7 @@ func forEachProc(fn func(pid, ppid, pgid int, state byte)) {
 		if !ok {
 			continue
 		}
-		fn(pid, st.ppid, st.pgid, st.state)
+		fn(pid, st)
 	}
 }
 
@@ -327,11 +332,9 @@ func readStat(pid int) (procStat, bool) {
 // GroupCPUTicks sums the CPU time (clock ticks) of the group's live processes.
 func GroupCPUTicks(pgid int) uint64 {
 	var sum uint64
-	forEachProc(func(pid, ppid, pg int, state byte) {
-		if pg == pgid {
-			if st, ok := readStat(pid); ok {
-				sum += st.cpuTicks
-			}
+	forEachStat(func(pid int, st procStat) {
+		if st.pgid == pgid {
+			sum += st.cpuTicks
 		}
 	})
 	return sum
